@@ -1,0 +1,132 @@
+//! The identify command: what every dialect's identify call is translated into.
+
+use serde_json::{Map, Value};
+
+use crate::error::{ErrorCode, FieldError};
+use crate::limits::Limits;
+use crate::timestamp::Timestamp;
+
+/// Kinds of identifier that point at exactly one profile in an environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IdentifierKind {
+    /// The application's stable user id (distinct_id / userId / identifier). At most one per profile.
+    UserId,
+    /// A pre-login device or session id. Many per profile.
+    AnonymousId,
+}
+
+impl IdentifierKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentifierKind::UserId => "user_id",
+            IdentifierKind::AnonymousId => "anonymous_id",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "user_id" => Some(IdentifierKind::UserId),
+            "anonymous_id" => Some(IdentifierKind::AnonymousId),
+            _ => None,
+        }
+    }
+}
+
+/// One identify, validated: at least one identifier, traits within limits, a timestamp.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdentifyCommand {
+    pub user_id: Option<String>,
+    pub anonymous_id: Option<String>,
+    /// A patch: keys not sent are left alone, `null` deletes.
+    pub traits: Map<String, Value>,
+    /// Traits written only where the profile has no value yet (PostHog's `$set_once`).
+    pub traits_set_once: Map<String, Value>,
+    /// When the update happened; orders it against other updates of the same traits.
+    pub timestamp: Timestamp,
+}
+
+impl IdentifyCommand {
+    /// Builds a command from already-typed fields, enforcing the identify contract: a user id or an
+    /// anonymous id (or both), and traits within `limits`. Paths in errors are relative to the item.
+    pub fn new(
+        user_id: Option<String>,
+        anonymous_id: Option<String>,
+        traits: Map<String, Value>,
+        traits_set_once: Map<String, Value>,
+        timestamp: Timestamp,
+        limits: &Limits,
+    ) -> Result<Self, FieldError> {
+        if user_id.is_none() && anonymous_id.is_none() {
+            return Err(FieldError::new(
+                ErrorCode::MissingIdentifier,
+                "distinct_id",
+                "an identify needs `distinct_id` (or `user_id`) or `anonymous_id`",
+            ));
+        }
+        if let Some(user_id) = &user_id {
+            limits.validate_identifier(user_id, "distinct_id")?;
+        }
+        if let Some(anonymous_id) = &anonymous_id {
+            limits.validate_identifier(anonymous_id, "anonymous_id")?;
+        }
+        limits.validate_trait_patch(&traits, "traits")?;
+        limits.validate_trait_patch(&traits_set_once, "traits_set_once")?;
+        Ok(IdentifyCommand {
+            user_id,
+            anonymous_id,
+            traits,
+            traits_set_once,
+            timestamp,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn needs_a_user_id_or_an_anonymous_id() {
+        let error = IdentifyCommand::new(
+            None,
+            None,
+            Map::new(),
+            Map::new(),
+            Timestamp::from_micros(0),
+            &Limits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(error.code, ErrorCode::MissingIdentifier);
+        assert!(
+            IdentifyCommand::new(
+                None,
+                Some("anon".into()),
+                Map::new(),
+                Map::new(),
+                Timestamp::from_micros(0),
+                &Limits::default()
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn trait_violations_name_the_trait_path() {
+        let traits = json!({ "bio": "x".repeat(2001) })
+            .as_object()
+            .unwrap()
+            .clone();
+        let error = IdentifyCommand::new(
+            Some("u".into()),
+            None,
+            traits,
+            Map::new(),
+            Timestamp::from_micros(0),
+            &Limits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(error.path, "traits.bio");
+    }
+}

@@ -1,0 +1,110 @@
+//! Roster's storage contract: one [`Store`] trait, with the embedded SQLite backend as the
+//! default. Every backend runs the same contract test suite (`contract`), so the engine and the
+//! dialects above never know which one they talk to.
+//!
+//! Identity resolution is written once, in [`resolution`], over the small synchronous
+//! [`resolution::IdentityTx`] interface each backend implements inside its own transaction; the
+//! decisions themselves are pure functions of `roster-core`.
+
+pub mod model;
+pub mod resolution;
+pub mod sqlite;
+
+#[cfg(test)]
+mod contract;
+
+use async_trait::async_trait;
+use roster_core::{FieldError, IdentifierKind, IdentifyCommand, Limits};
+
+pub use model::{
+    EnvironmentId, EnvironmentRecord, IdentifyOutcome, NewEnvironment, Profile, ProfileFilter,
+    ProfilePage,
+};
+pub use sqlite::SqliteStore;
+
+/// Failures of the storage layer itself (not of the caller's input, which are [`FieldError`]s).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("{0} already exists")]
+    Conflict(String),
+    #[error("the store is shutting down")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        StoreError::Database(error.to_string())
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One item's result in a batch: applied, or rejected with the field and rule it broke.
+pub type ItemResult = Result<IdentifyOutcome, FieldError>;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates the first environment and records the admin token hash, atomically, unless the
+    /// store was already bootstrapped. Returns the environment when this call bootstrapped.
+    async fn bootstrap(
+        &self,
+        first_environment: NewEnvironment,
+        admin_token_hash: String,
+    ) -> StoreResult<Option<EnvironmentRecord>>;
+
+    /// The admin token hash recorded at bootstrap.
+    async fn admin_token_hash(&self) -> StoreResult<Option<String>>;
+
+    async fn environments(&self) -> StoreResult<Vec<EnvironmentRecord>>;
+
+    /// Fails with [`StoreError::Conflict`] when the slug or a key is taken.
+    async fn create_environment(
+        &self,
+        environment: NewEnvironment,
+    ) -> StoreResult<EnvironmentRecord>;
+
+    /// Replaces an environment's keys; `None` when no environment has that slug.
+    async fn replace_environment_keys(
+        &self,
+        slug: &str,
+        client_key: String,
+        server_key_hash: String,
+    ) -> StoreResult<Option<EnvironmentRecord>>;
+
+    /// Applies identifies in order, in one durable transaction: when this returns, every applied
+    /// item is committed and fsync'd, and visible to every later read. Items that break a
+    /// profile-level limit are rejected one by one; the others are applied.
+    async fn identify(
+        &self,
+        environment_id: EnvironmentId,
+        commands: Vec<IdentifyCommand>,
+        limits: Limits,
+    ) -> StoreResult<Vec<ItemResult>>;
+
+    /// A profile by id; ids of profiles merged away forward to the survivor.
+    async fn profile(
+        &self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+    ) -> StoreResult<Option<Profile>>;
+
+    async fn profile_by_identifier(
+        &self,
+        environment_id: EnvironmentId,
+        kind: IdentifierKind,
+        value: &str,
+    ) -> StoreResult<Option<Profile>>;
+
+    /// Profiles in `profile_id` order (ids are time-ordered UUIDv7), after `after`, at most `limit`.
+    async fn list_profiles(
+        &self,
+        environment_id: EnvironmentId,
+        filter: ProfileFilter,
+        after: Option<String>,
+        limit: usize,
+    ) -> StoreResult<ProfilePage>;
+}

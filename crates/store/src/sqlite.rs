@@ -1,0 +1,828 @@
+//! The embedded default backend: SQLite in WAL mode.
+//!
+//! Writes go through one writer thread that owns the only write connection and group-commits:
+//! it takes every job waiting in its queue, runs them in one transaction (each under its own
+//! savepoint, so one failing job does not take the others down), commits with
+//! `synchronous=FULL` (the WAL is fsync'd before the commit returns), and only then answers each
+//! job. Durability costs one fsync per group instead of one per request. Reads run on a small pool
+//! of separate connections in parallel; WAL lets them proceed while the writer commits.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use roster_core::{IdentifierKind, IdentifyCommand, Limits, Timestamp, TraitSet};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::model::{
+    EnvironmentId, EnvironmentRecord, NewEnvironment, Profile, ProfileFilter, ProfilePage,
+};
+use crate::resolution::{IdentityTx, ProfileWrite, StoredProfile, apply_identify};
+use crate::{ItemResult, Store, StoreError, StoreResult};
+
+/// File name of the database inside the data directory.
+pub const DATABASE_FILE_NAME: &str = "roster.db";
+
+/// Most jobs one group commit takes; bounds the latency a commit adds to the first job in it.
+const MAX_JOBS_PER_COMMIT: usize = 512;
+
+/// Jobs waiting for the writer before senders are made to wait (back-pressure instead of
+/// unbounded memory).
+const WRITE_QUEUE_CAPACITY: usize = 4096;
+
+/// Idle read connections kept open.
+const MAX_IDLE_READERS: usize = 8;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+    CREATE TABLE settings (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE environments (
+        environment_id INTEGER PRIMARY KEY,
+        slug TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        client_key TEXT NOT NULL UNIQUE,
+        server_key_hash TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE profiles (
+        profile_id TEXT PRIMARY KEY,
+        environment_id INTEGER NOT NULL,
+        user_id TEXT,
+        identified INTEGER NOT NULL,
+        traits TEXT NOT NULL,
+        trait_timestamps TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX profiles_by_environment ON profiles (environment_id, profile_id);
+    CREATE TABLE identifiers (
+        environment_id INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        value TEXT NOT NULL,
+        profile_id TEXT NOT NULL,
+        PRIMARY KEY (environment_id, kind, value)
+    ) WITHOUT ROWID;
+    CREATE INDEX identifiers_by_profile ON identifiers (profile_id);
+    CREATE TABLE profile_forwards (
+        old_profile_id TEXT PRIMARY KEY,
+        environment_id INTEGER NOT NULL,
+        profile_id TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX profile_forwards_by_target ON profile_forwards (profile_id);
+"#];
+
+const ADMIN_TOKEN_SETTING: &str = "admin_token_hash";
+
+/// A unit of work for the writer thread: runs on the open transaction and says whether it
+/// succeeded (a failed job's savepoint is rolled back); the returned completion is called with the
+/// commit's outcome, so no caller hears "done" before its write is durable.
+type WriteJob = Box<dyn FnOnce(&Connection) -> (bool, Completion) + Send>;
+type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+pub struct SqliteStore {
+    database_path: PathBuf,
+    write_queue: mpsc::Sender<WriteJob>,
+    readers: Arc<ReaderPool>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database in `data_directory`, runs migrations and starts the
+    /// writer thread. Must be called inside a Tokio runtime.
+    pub fn open(data_directory: &Path) -> StoreResult<Self> {
+        std::fs::create_dir_all(data_directory).map_err(|error| {
+            StoreError::Database(format!(
+                "cannot create data directory {}: {error}",
+                data_directory.display()
+            ))
+        })?;
+        let database_path = data_directory.join(DATABASE_FILE_NAME);
+        let mut writer = Connection::open(&database_path)?;
+        configure_writer(&writer)?;
+        migrate(&mut writer)?;
+
+        let (write_queue, jobs) = mpsc::channel(WRITE_QUEUE_CAPACITY);
+        std::thread::Builder::new()
+            .name("roster-sqlite-writer".into())
+            .spawn(move || run_writer(writer, jobs))
+            .map_err(|error| {
+                StoreError::Database(format!("cannot start writer thread: {error}"))
+            })?;
+
+        let readers = Arc::new(ReaderPool {
+            database_path: database_path.clone(),
+            idle: Mutex::new(Vec::new()),
+        });
+        Ok(SqliteStore {
+            database_path,
+            write_queue,
+            readers,
+        })
+    }
+
+    pub fn database_path(&self) -> &Path {
+        &self.database_path
+    }
+
+    /// Runs `work` on the writer's transaction and waits until it is committed and durable.
+    async fn write<T, F>(&self, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: WriteJob = Box::new(move |connection| {
+            let result = work(connection);
+            let succeeded = result.is_ok();
+            let completion: Completion = Box::new(move |commit| {
+                let outcome = match commit {
+                    Ok(()) => result,
+                    Err(message) => Err(StoreError::Database(message)),
+                };
+                let _ = reply.send(outcome);
+            });
+            (succeeded, completion)
+        });
+        self.write_queue
+            .send(job)
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `work` on a pooled read connection on the blocking thread pool.
+    async fn read<T, F>(&self, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let readers = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || {
+            let connection = readers.take()?;
+            let result = work(&connection);
+            readers.give_back(connection);
+            result
+        })
+        .await
+        .map_err(|error| StoreError::Database(format!("read task failed: {error}")))?
+    }
+}
+
+fn configure_writer(connection: &Connection) -> StoreResult<()> {
+    // WAL: readers never block on the writer. synchronous=FULL: the WAL is fsync'd at every
+    // commit, so an acknowledged write survives power loss, not only a process crash.
+    connection.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA busy_timeout = 10000;
+         PRAGMA foreign_keys = OFF;",
+    )?;
+    let mode: String = connection.query_row("PRAGMA journal_mode", [], |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Database(format!(
+            "could not enable WAL (journal_mode is {mode})"
+        )));
+    }
+    Ok(())
+}
+
+fn migrate(connection: &mut Connection) -> StoreResult<()> {
+    let applied: usize =
+        connection.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))? as usize;
+    if applied > MIGRATIONS.len() {
+        return Err(StoreError::Database(format!(
+            "the database schema (version {applied}) is newer than this roster (version {}); upgrade roster",
+            MIGRATIONS.len()
+        )));
+    }
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let transaction = connection.transaction()?;
+        transaction.execute_batch(migration)?;
+        transaction.execute_batch(&format!("PRAGMA user_version = {}", index + 1))?;
+        transaction.commit()?;
+        tracing::info!(version = index + 1, "applied sqlite schema migration");
+    }
+    Ok(())
+}
+
+fn run_writer(connection: Connection, mut jobs: mpsc::Receiver<WriteJob>) {
+    let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_JOBS_PER_COMMIT);
+    while let Some(first) = jobs.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_JOBS_PER_COMMIT {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        commit_group(&connection, &mut batch);
+    }
+    tracing::debug!("sqlite writer stopped");
+}
+
+fn commit_group(connection: &Connection, batch: &mut Vec<WriteJob>) {
+    if let Err(error) = connection.execute_batch("BEGIN IMMEDIATE") {
+        let message = format!("cannot begin write transaction: {error}");
+        tracing::error!(%error, "sqlite begin failed");
+        for job in batch.drain(..) {
+            let (_, completion) = job(connection);
+            completion(Err(message.clone()));
+        }
+        let _ = connection.execute_batch("ROLLBACK");
+        return;
+    }
+    let mut completions = Vec::with_capacity(batch.len());
+    for job in batch.drain(..) {
+        let savepoint_opened = connection.execute_batch("SAVEPOINT job").is_ok();
+        let (succeeded, completion) = job(connection);
+        if savepoint_opened {
+            let close = if succeeded {
+                "RELEASE job"
+            } else {
+                "ROLLBACK TO job; RELEASE job"
+            };
+            if let Err(error) = connection.execute_batch(close) {
+                tracing::error!(%error, "sqlite savepoint release failed");
+            }
+        }
+        completions.push(completion);
+    }
+    let commit = connection.execute_batch("COMMIT").map_err(|error| {
+        tracing::error!(%error, "sqlite commit failed");
+        let _ = connection.execute_batch("ROLLBACK");
+        format!("commit failed: {error}")
+    });
+    for completion in completions {
+        completion(commit.clone());
+    }
+}
+
+/// Read connections, opened on demand and kept for reuse.
+struct ReaderPool {
+    database_path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReaderPool {
+    fn take(&self) -> StoreResult<Connection> {
+        if let Some(connection) = self.idle.lock().map_err(|_| StoreError::Closed)?.pop() {
+            return Ok(connection);
+        }
+        let connection = Connection::open_with_flags(
+            &self.database_path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        // Readers never write: query_only turns any attempt into an error.
+        connection.execute_batch("PRAGMA query_only = ON; PRAGMA busy_timeout = 10000;")?;
+        Ok(connection)
+    }
+
+    fn give_back(&self, connection: Connection) {
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < MAX_IDLE_READERS
+        {
+            idle.push(connection);
+        }
+    }
+}
+
+/// [`IdentityTx`] on the writer's open transaction.
+struct SqliteIdentityTx<'a> {
+    connection: &'a Connection,
+}
+
+const PROFILE_COLUMNS: &str = "p.profile_id, p.user_id, p.identified, p.traits, p.trait_timestamps, p.created_at, p.updated_at";
+
+fn stored_profile_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredProfileRow> {
+    Ok(StoredProfileRow {
+        profile_id: row.get(0)?,
+        user_id: row.get(1)?,
+        identified: row.get(2)?,
+        traits_json: row.get(3)?,
+        trait_timestamps_json: row.get(4)?,
+        created_at: row.get(5)?,
+        updated_at: row.get(6)?,
+    })
+}
+
+/// A profile row as it comes out of SQLite, before its JSON columns are parsed.
+struct StoredProfileRow {
+    profile_id: String,
+    user_id: Option<String>,
+    identified: bool,
+    traits_json: String,
+    trait_timestamps_json: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl StoredProfileRow {
+    fn parse_traits(&self) -> StoreResult<(Map<String, Value>, BTreeMap<String, Timestamp>)> {
+        let corrupt = |error: serde_json::Error| {
+            StoreError::Corrupt(format!(
+                "profile {} has unreadable traits: {error}",
+                self.profile_id
+            ))
+        };
+        let values: Map<String, Value> =
+            serde_json::from_str(&self.traits_json).map_err(corrupt)?;
+        let timestamps: BTreeMap<String, i64> =
+            serde_json::from_str(&self.trait_timestamps_json).map_err(corrupt)?;
+        let timestamps = timestamps
+            .into_iter()
+            .map(|(key, micros)| (key, Timestamp::from_micros(micros)))
+            .collect();
+        Ok((values, timestamps))
+    }
+
+    fn into_stored(self) -> StoreResult<StoredProfile> {
+        let (values, timestamps) = self.parse_traits()?;
+        Ok(StoredProfile {
+            traits: TraitSet::from_stored(values, timestamps),
+            profile_id: self.profile_id,
+            user_id: self.user_id,
+            identified: self.identified,
+            created_at: Timestamp::from_micros(self.created_at),
+            updated_at: Timestamp::from_micros(self.updated_at),
+        })
+    }
+
+    fn into_profile(self, connection: &Connection) -> StoreResult<Profile> {
+        let (traits, all_timestamps) = self.parse_traits()?;
+        let trait_timestamps = all_timestamps
+            .into_iter()
+            .filter(|(key, _)| traits.contains_key(key))
+            .collect();
+        let mut statement = connection.prepare_cached(
+            "SELECT value FROM identifiers WHERE profile_id = ?1 AND kind = 'anonymous_id' ORDER BY value",
+        )?;
+        let anonymous_ids = statement
+            .query_map([&self.profile_id], |row| row.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Profile {
+            profile_id: self.profile_id,
+            user_id: self.user_id,
+            identified: self.identified,
+            anonymous_ids,
+            traits,
+            trait_timestamps,
+            created_at: Timestamp::from_micros(self.created_at),
+            updated_at: Timestamp::from_micros(self.updated_at),
+        })
+    }
+}
+
+impl IdentityTx for SqliteIdentityTx<'_> {
+    fn find_by_identifier(
+        &mut self,
+        environment_id: EnvironmentId,
+        kind: IdentifierKind,
+        value: &str,
+    ) -> StoreResult<Option<StoredProfile>> {
+        find_row_by_identifier(self.connection, environment_id, kind, value)?
+            .map(StoredProfileRow::into_stored)
+            .transpose()
+    }
+
+    fn load_profile(
+        &mut self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+    ) -> StoreResult<Option<StoredProfile>> {
+        load_row(self.connection, environment_id, profile_id)?
+            .map(StoredProfileRow::into_stored)
+            .transpose()
+    }
+
+    fn insert_profile(
+        &mut self,
+        environment_id: EnvironmentId,
+        write: &ProfileWrite<'_>,
+    ) -> StoreResult<()> {
+        let profile = write.profile;
+        self.connection
+            .prepare_cached(
+                "INSERT INTO profiles (profile_id, environment_id, user_id, identified, traits, trait_timestamps, \
+                 created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                profile.profile_id,
+                environment_id,
+                profile.user_id,
+                profile.identified,
+                write.traits_json,
+                write.trait_timestamps_json,
+                profile.created_at.as_micros(),
+                profile.updated_at.as_micros(),
+            ])?;
+        Ok(())
+    }
+
+    fn update_profile(
+        &mut self,
+        environment_id: EnvironmentId,
+        write: &ProfileWrite<'_>,
+    ) -> StoreResult<()> {
+        let profile = write.profile;
+        self.connection
+            .prepare_cached(
+                "UPDATE profiles SET user_id = ?3, identified = ?4, traits = ?5, trait_timestamps = ?6, \
+                 created_at = ?7, updated_at = ?8 WHERE profile_id = ?1 AND environment_id = ?2",
+            )?
+            .execute(params![
+                profile.profile_id,
+                environment_id,
+                profile.user_id,
+                profile.identified,
+                write.traits_json,
+                write.trait_timestamps_json,
+                profile.created_at.as_micros(),
+                profile.updated_at.as_micros(),
+            ])?;
+        Ok(())
+    }
+
+    fn put_identifier(
+        &mut self,
+        environment_id: EnvironmentId,
+        kind: IdentifierKind,
+        value: &str,
+        profile_id: &str,
+    ) -> StoreResult<()> {
+        self.connection
+            .prepare_cached(
+                "INSERT INTO identifiers (environment_id, kind, value, profile_id) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (environment_id, kind, value) DO UPDATE SET profile_id = excluded.profile_id",
+            )?
+            .execute(params![environment_id, kind.as_str(), value, profile_id])?;
+        Ok(())
+    }
+
+    fn delete_identifier(
+        &mut self,
+        environment_id: EnvironmentId,
+        kind: IdentifierKind,
+        value: &str,
+    ) -> StoreResult<()> {
+        self.connection
+            .prepare_cached(
+                "DELETE FROM identifiers WHERE environment_id = ?1 AND kind = ?2 AND value = ?3",
+            )?
+            .execute(params![environment_id, kind.as_str(), value])?;
+        Ok(())
+    }
+
+    fn move_identifiers(
+        &mut self,
+        environment_id: EnvironmentId,
+        from: &str,
+        to: &str,
+    ) -> StoreResult<()> {
+        self.connection
+            .prepare_cached("UPDATE identifiers SET profile_id = ?3 WHERE environment_id = ?1 AND profile_id = ?2")?
+            .execute(params![environment_id, from, to])?;
+        Ok(())
+    }
+
+    fn retire_profile(
+        &mut self,
+        environment_id: EnvironmentId,
+        from: &str,
+        to: &str,
+    ) -> StoreResult<()> {
+        self.connection
+            .prepare_cached("DELETE FROM profiles WHERE environment_id = ?1 AND profile_id = ?2")?
+            .execute(params![environment_id, from])?;
+        self.connection
+            .prepare_cached("UPDATE profile_forwards SET profile_id = ?3 WHERE environment_id = ?1 AND profile_id = ?2")?
+            .execute(params![environment_id, from, to])?;
+        self.connection
+            .prepare_cached(
+                "INSERT INTO profile_forwards (old_profile_id, environment_id, profile_id) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (old_profile_id) DO UPDATE SET profile_id = excluded.profile_id",
+            )?
+            .execute(params![from, environment_id, to])?;
+        Ok(())
+    }
+
+    fn new_profile_id(&mut self) -> String {
+        uuid::Uuid::now_v7().to_string()
+    }
+}
+
+fn find_row_by_identifier(
+    connection: &Connection,
+    environment_id: EnvironmentId,
+    kind: IdentifierKind,
+    value: &str,
+) -> StoreResult<Option<StoredProfileRow>> {
+    let sql = format!(
+        "SELECT {PROFILE_COLUMNS} FROM identifiers i JOIN profiles p ON p.profile_id = i.profile_id \
+         WHERE i.environment_id = ?1 AND i.kind = ?2 AND i.value = ?3"
+    );
+    Ok(connection
+        .prepare_cached(&sql)?
+        .query_row(
+            params![environment_id, kind.as_str(), value],
+            stored_profile_from_row,
+        )
+        .optional()?)
+}
+
+fn load_row(
+    connection: &Connection,
+    environment_id: EnvironmentId,
+    profile_id: &str,
+) -> StoreResult<Option<StoredProfileRow>> {
+    let sql = format!(
+        "SELECT {PROFILE_COLUMNS} FROM profiles p WHERE p.environment_id = ?1 AND p.profile_id = ?2"
+    );
+    Ok(connection
+        .prepare_cached(&sql)?
+        .query_row(params![environment_id, profile_id], stored_profile_from_row)
+        .optional()?)
+}
+
+fn environment_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<EnvironmentRecord> {
+    Ok(EnvironmentRecord {
+        id: row.get(0)?,
+        slug: row.get(1)?,
+        name: row.get(2)?,
+        client_key: row.get(3)?,
+        server_key_hash: row.get(4)?,
+        created_at: Timestamp::from_micros(row.get(5)?),
+    })
+}
+
+const ENVIRONMENT_COLUMNS: &str =
+    "environment_id, slug, name, client_key, server_key_hash, created_at";
+
+fn insert_environment(
+    connection: &Connection,
+    environment: &NewEnvironment,
+) -> StoreResult<EnvironmentRecord> {
+    let inserted = connection.execute(
+        "INSERT INTO environments (slug, name, client_key, server_key_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            environment.slug,
+            environment.name,
+            environment.client_key,
+            environment.server_key_hash,
+            environment.created_at.as_micros()
+        ],
+    );
+    match inserted {
+        Ok(_) => {}
+        Err(rusqlite::Error::SqliteFailure(failure, _))
+            if failure.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            return Err(StoreError::Conflict(format!(
+                "environment `{}`",
+                environment.slug
+            )));
+        }
+        Err(error) => return Err(error.into()),
+    }
+    Ok(EnvironmentRecord {
+        id: connection.last_insert_rowid(),
+        slug: environment.slug.clone(),
+        name: environment.name.clone(),
+        client_key: environment.client_key.clone(),
+        server_key_hash: environment.server_key_hash.clone(),
+        created_at: environment.created_at,
+    })
+}
+
+fn now() -> Timestamp {
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_micros())
+        .unwrap_or_default();
+    Timestamp::from_micros(i64::try_from(micros).unwrap_or(i64::MAX))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn bootstrap(
+        &self,
+        first_environment: NewEnvironment,
+        admin_token_hash: String,
+    ) -> StoreResult<Option<EnvironmentRecord>> {
+        self.write(move |connection| {
+            let already: Option<String> = connection
+                .query_row(
+                    "SELECT value FROM settings WHERE name = ?1",
+                    [ADMIN_TOKEN_SETTING],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            if already.is_some() {
+                return Ok(None);
+            }
+            connection.execute(
+                "INSERT INTO settings (name, value) VALUES (?1, ?2)",
+                params![ADMIN_TOKEN_SETTING, admin_token_hash],
+            )?;
+            insert_environment(connection, &first_environment).map(Some)
+        })
+        .await
+    }
+
+    async fn admin_token_hash(&self) -> StoreResult<Option<String>> {
+        self.read(|connection| {
+            Ok(connection
+                .query_row(
+                    "SELECT value FROM settings WHERE name = ?1",
+                    [ADMIN_TOKEN_SETTING],
+                    |row| row.get(0),
+                )
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn environments(&self) -> StoreResult<Vec<EnvironmentRecord>> {
+        self.read(|connection| {
+            let sql =
+                format!("SELECT {ENVIRONMENT_COLUMNS} FROM environments ORDER BY environment_id");
+            let mut statement = connection.prepare_cached(&sql)?;
+            let rows = statement
+                .query_map([], environment_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn create_environment(
+        &self,
+        environment: NewEnvironment,
+    ) -> StoreResult<EnvironmentRecord> {
+        self.write(move |connection| insert_environment(connection, &environment))
+            .await
+    }
+
+    async fn replace_environment_keys(
+        &self,
+        slug: &str,
+        client_key: String,
+        server_key_hash: String,
+    ) -> StoreResult<Option<EnvironmentRecord>> {
+        let slug = slug.to_owned();
+        self.write(move |connection| {
+            connection.execute(
+                "UPDATE environments SET client_key = ?2, server_key_hash = ?3 WHERE slug = ?1",
+                params![slug, client_key, server_key_hash],
+            )?;
+            let sql = format!("SELECT {ENVIRONMENT_COLUMNS} FROM environments WHERE slug = ?1");
+            Ok(connection
+                .query_row(&sql, [&slug], environment_from_row)
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn identify(
+        &self,
+        environment_id: EnvironmentId,
+        commands: Vec<IdentifyCommand>,
+        limits: Limits,
+    ) -> StoreResult<Vec<ItemResult>> {
+        self.write(move |connection| {
+            let received_at = now();
+            let mut tx = SqliteIdentityTx { connection };
+            commands
+                .iter()
+                .map(|command| {
+                    apply_identify(&mut tx, environment_id, command, &limits, received_at)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn profile(
+        &self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+    ) -> StoreResult<Option<Profile>> {
+        let profile_id = profile_id.to_owned();
+        self.read(move |connection| {
+            let forwarded: Option<String> = connection
+                .prepare_cached("SELECT profile_id FROM profile_forwards WHERE environment_id = ?1 AND old_profile_id = ?2")?
+                .query_row(params![environment_id, profile_id], |row| row.get(0))
+                .optional()?;
+            let current_id = forwarded.unwrap_or(profile_id);
+            load_row(connection, environment_id, &current_id)?.map(|row| row.into_profile(connection)).transpose()
+        })
+        .await
+    }
+
+    async fn profile_by_identifier(
+        &self,
+        environment_id: EnvironmentId,
+        kind: IdentifierKind,
+        value: &str,
+    ) -> StoreResult<Option<Profile>> {
+        let value = value.to_owned();
+        self.read(move |connection| {
+            find_row_by_identifier(connection, environment_id, kind, &value)?
+                .map(|row| row.into_profile(connection))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn list_profiles(
+        &self,
+        environment_id: EnvironmentId,
+        filter: ProfileFilter,
+        after: Option<String>,
+        limit: usize,
+    ) -> StoreResult<ProfilePage> {
+        self.read(move |connection| {
+            let after = after.unwrap_or_default();
+            // One more row than asked tells whether another page exists.
+            let fetch = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+            let rows: Vec<StoredProfileRow> = match &filter.trait_equals {
+                None => {
+                    let sql = format!(
+                        "SELECT {PROFILE_COLUMNS} FROM profiles p WHERE p.environment_id = ?1 AND p.profile_id > ?2 \
+                         ORDER BY p.profile_id LIMIT ?3"
+                    );
+                    let mut statement = connection.prepare_cached(&sql)?;
+                    statement
+                        .query_map(params![environment_id, after, fetch], stored_profile_from_row)?
+                        .collect::<Result<_, _>>()?
+                }
+                Some((key, value)) => {
+                    // `->` yields the trait's JSON text, so comparing with the canonical JSON of
+                    // the wanted value matches type and value exactly (30 ≠ "30").
+                    let sql = format!(
+                        "SELECT {PROFILE_COLUMNS} FROM profiles p WHERE p.environment_id = ?1 AND p.profile_id > ?2 \
+                         AND (p.traits -> ?4) = ?5 ORDER BY p.profile_id LIMIT ?3"
+                    );
+                    let path = format!("$.\"{key}\"");
+                    let wanted = serde_json::to_string(value).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+                    let mut statement = connection.prepare_cached(&sql)?;
+                    statement
+                        .query_map(params![environment_id, after, fetch, path, wanted], stored_profile_from_row)?
+                        .collect::<Result<_, _>>()?
+                }
+            };
+            let has_more = rows.len() > limit;
+            let profiles = rows
+                .into_iter()
+                .take(limit)
+                .map(|row| row.into_profile(connection))
+                .collect::<StoreResult<Vec<_>>>()?;
+            let next_after = if has_more { profiles.last().map(|profile| profile.profile_id.clone()) } else { None };
+            Ok(ProfilePage { profiles, next_after })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod contract_tests {
+    use std::sync::Arc;
+
+    use super::SqliteStore;
+    use crate::Store;
+
+    async fn fresh_store() -> (Arc<dyn Store>, tempfile::TempDir) {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(directory.path()).expect("open sqlite store");
+        (Arc::new(store), directory)
+    }
+
+    crate::store_contract_suite!(fresh_store());
+
+    #[tokio::test]
+    async fn acknowledged_writes_survive_reopening() {
+        let directory = tempfile::tempdir().unwrap();
+        {
+            let store = SqliteStore::open(directory.path()).unwrap();
+            crate::contract::new_user_and_anonymous_id_make_one_profile(&store).await;
+        }
+        let reopened = SqliteStore::open(directory.path()).unwrap();
+        let environments = reopened.environments().await.unwrap();
+        let profile = reopened
+            .profile_by_identifier(
+                environments[0].id,
+                roster_core::IdentifierKind::UserId,
+                "u1",
+            )
+            .await
+            .unwrap();
+        assert!(profile.is_some());
+    }
+}
