@@ -1,1 +1,105 @@
+//! Roster's HTTP server (axum): authentication, limits, the native API, the read and admin APIs.
+//! Handlers are thin: they translate HTTP into engine calls and engine results into HTTP.
 
+mod admin;
+mod auth;
+mod body;
+pub mod error;
+mod native;
+mod profiles;
+
+use std::any::Any;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use roster_core::ErrorCode;
+use roster_engine::Engine;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::error::ApiError;
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Largest request body accepted, in bytes; larger bodies get 413 before being parsed.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_body_bytes: 5 * 1024 * 1024,
+        }
+    }
+}
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub config: Arc<ServerConfig>,
+}
+
+/// All routes, with the layers every request goes through.
+pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
+    let max_body_bytes = config.max_body_bytes;
+    let state = AppState {
+        engine,
+        config: Arc::new(config),
+    };
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/identify", post(native::identify))
+        .route("/v1/profiles", get(profiles::list_profiles))
+        .route("/v1/profiles/{profile_id}", get(profiles::get_profile))
+        .route(
+            "/v1/admin/environments",
+            get(admin::list_environments).post(admin::create_environment),
+        )
+        .route(
+            "/v1/admin/environments/{slug}/rotate-keys",
+            post(admin::rotate_keys),
+        )
+        .fallback(|| async { ApiError::not_found("no such endpoint; see docs/api.md") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                ErrorCode::MethodNotAllowed,
+                "this endpoint does not accept that HTTP method",
+            )
+        })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// A panic is a bug; the client still gets the public error shape, and nothing half-done is
+/// acknowledged (writes are acknowledged only after their commit).
+fn panic_response(_panic: Box<dyn Any + Send + 'static>) -> Response {
+    tracing::error!("request handler panicked");
+    ApiError::new(
+        ErrorCode::Internal,
+        "internal error; the request was not acknowledged",
+    )
+    .into_response()
+}
+
+/// Serves on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let address: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(address = ?address, "roster listening");
+    axum::serve(listener, router(engine, config))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,66 @@
+//! Who is calling: the key comes from `X-API-Key`, `Authorization: Bearer …`, or `?apiKey=` (the
+//! browser SDK's beacon requests cannot set headers), and the engine says what it may do.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, header};
+use roster_core::ErrorCode;
+use roster_engine::Principal;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// The authenticated caller of a request.
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(presented_key) = presented_key(&parts.headers, parts.uri.query()) else {
+            return Err(ApiError::new(
+                ErrorCode::MissingApiKey,
+                "send an API key in the `X-API-Key` header, as `Authorization: Bearer <key>`, or as `?apiKey=<key>`",
+            ));
+        };
+        state
+            .engine
+            .authenticate(&presented_key)
+            .map(Caller)
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidApiKey,
+                    "the API key is not valid for any environment",
+                )
+            })
+    }
+}
+
+fn presented_key(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+    if let Some(key) = headers
+        .get("x-api-key")
+        .and_then(|value| value.to_str().ok())
+    {
+        return Some(key.trim().to_owned());
+    }
+    if let Some(authorization) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        && let Some(token) = authorization
+            .strip_prefix("Bearer ")
+            .or_else(|| authorization.strip_prefix("bearer "))
+    {
+        return Some(token.trim().to_owned());
+    }
+    query_parameter(query?, "apiKey")
+}
+
+/// One parameter of a query string, percent-decoded.
+pub(crate) fn query_parameter(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+}

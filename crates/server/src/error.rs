@@ -1,0 +1,117 @@
+//! The one public error shape (after meilisearch): `message`, `code`, `type`, `link`, plus the
+//! `path` of the field at fault where there is one. Every failure a client can see goes through
+//! here, so they can all be matched the same way.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use roster_core::{ErrorCode, FieldError};
+use roster_engine::EngineError;
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PublicError {
+    pub message: String,
+    pub code: &'static str,
+    #[serde(rename = "type")]
+    pub error_type: &'static str,
+    pub link: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+impl PublicError {
+    pub fn new(code: ErrorCode, message: impl Into<String>, path: Option<String>) -> Self {
+        PublicError {
+            message: message.into(),
+            code: code.as_str(),
+            error_type: error_type(code),
+            link: format!("docs/errors.md#{}", code.as_str()),
+            path: path.filter(|path| !path.is_empty()),
+        }
+    }
+
+    pub fn from_field(error: &FieldError) -> Self {
+        let message = if error.path.is_empty() {
+            error.message.clone()
+        } else {
+            format!("`{}` {}", error.path, error.message)
+        };
+        PublicError::new(error.code, message, Some(error.path.clone()))
+    }
+}
+
+fn error_type(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::MissingApiKey | ErrorCode::InvalidApiKey | ErrorCode::Forbidden => "auth",
+        ErrorCode::Internal => "internal",
+        _ => "invalid_request",
+    }
+}
+
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ErrorCode::MissingApiKey | ErrorCode::InvalidApiKey => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::EnvironmentExists => StatusCode::CONFLICT,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// An error response: status plus the public error body.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: PublicError,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status: status_of(code),
+            body: PublicError::new(code, message, None),
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ApiError::new(ErrorCode::NotFound, message)
+    }
+}
+
+impl From<FieldError> for ApiError {
+    fn from(error: FieldError) -> Self {
+        ApiError {
+            status: status_of(error.code),
+            body: PublicError::from_field(&error),
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> Self {
+        match error {
+            EngineError::Invalid(field_error) => field_error.into(),
+            EngineError::Forbidden(message) => ApiError::new(ErrorCode::Forbidden, message),
+            EngineError::NotFound(message) => ApiError::new(ErrorCode::NotFound, message),
+            EngineError::Conflict(message) => ApiError::new(ErrorCode::EnvironmentExists, message),
+            EngineError::Store(store_error) => {
+                tracing::error!(error = %store_error, "store operation failed");
+                ApiError::new(
+                    ErrorCode::Internal,
+                    "the server could not complete the request; it was not applied",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}

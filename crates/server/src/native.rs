@@ -1,0 +1,184 @@
+//! The native dialect (the seeds' shape, also what Altertable's SDKs send): `POST /identify` with
+//! one object or an array. A thin adapter: parse, hand to the engine, render the results.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use roster_core::{ErrorCode, FieldError, Timestamp};
+use roster_engine::IdentifyInput;
+use roster_engine::IdentifyOutcome;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::AppState;
+use crate::auth::Caller;
+use crate::body::{Body, parse_item, split_items};
+use crate::error::{ApiError, PublicError};
+
+/// One identify in the native shape. Unknown fields are refused so that a typo (`trait` for
+/// `traits`) is an error, not silently ignored data.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NativeIdentify {
+    distinct_id: Option<String>,
+    user_id: Option<String>,
+    anonymous_id: Option<String>,
+    traits: Option<Map<String, Value>>,
+    user_traits: Option<Map<String, Value>>,
+    traits_set_once: Option<Map<String, Value>>,
+    timestamp: Option<String>,
+    /// Accepted for compatibility; device context is used by the identity-graph work.
+    #[allow(dead_code)]
+    context: Option<Map<String, Value>>,
+    /// Accepted for compatibility; retried-message deduplication keys on it.
+    #[allow(dead_code)]
+    message_id: Option<String>,
+    environment: Option<String>,
+}
+
+impl NativeIdentify {
+    fn into_input(self) -> Result<IdentifyInput, FieldError> {
+        let user_id = one_of(self.distinct_id, "distinct_id", self.user_id, "user_id")?;
+        let traits =
+            one_of(self.traits, "traits", self.user_traits, "user_traits")?.unwrap_or_default();
+        let timestamp = match &self.timestamp {
+            Some(text) => Some(Timestamp::parse_rfc3339(text, "timestamp")?),
+            None => None,
+        };
+        Ok(IdentifyInput {
+            user_id,
+            anonymous_id: self.anonymous_id,
+            traits,
+            traits_set_once: self.traits_set_once.unwrap_or_default(),
+            timestamp,
+            environment: self.environment,
+        })
+    }
+}
+
+/// Two spellings of one field: either may be sent, both only if equal.
+fn one_of<T: PartialEq>(
+    first: Option<T>,
+    first_name: &str,
+    second: Option<T>,
+    second_name: &str,
+) -> Result<Option<T>, FieldError> {
+    match (first, second) {
+        (Some(first), Some(second)) if first != second => Err(FieldError::new(
+            ErrorCode::InvalidType,
+            second_name,
+            format!("`{first_name}` and `{second_name}` name the same field; send one of them"),
+        )),
+        (Some(value), _) | (None, Some(value)) => Ok(Some(value)),
+        (None, None) => Ok(None),
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct BatchResponse {
+    pub accepted: usize,
+    pub rejected: usize,
+    pub results: Vec<ItemResponse>,
+    /// On any rejection, the first one, so every 4xx has the same top-level error fields.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub error: Option<PublicError>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ItemResponse {
+    pub index: usize,
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created: Option<bool>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub merged_profile_ids: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<WarningResponse>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<PublicError>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WarningResponse {
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// `POST /identify`. `?sync=true` is accepted: every acknowledged write is already durable and
+/// visible when the response is sent, so both modes answer after the commit.
+pub async fn identify(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Body(bytes): Body,
+) -> Result<Response, ApiError> {
+    let items = split_items(&bytes)?;
+    let inputs = items
+        .raw
+        .iter()
+        .map(|raw| parse_item::<NativeIdentify>(raw).and_then(NativeIdentify::into_input))
+        .collect();
+    let results = state.engine.identify(&principal, inputs).await?;
+    Ok(batch_response(&results, |index| items.item_path(index)))
+}
+
+/// Renders per-item results: 200 when all were applied, 400 when any was rejected (the applied
+/// ones stay applied and are listed as such).
+pub fn batch_response(
+    results: &[Result<IdentifyOutcome, FieldError>],
+    item_path: impl Fn(usize) -> String,
+) -> Response {
+    let mut response = BatchResponse {
+        accepted: 0,
+        rejected: 0,
+        results: Vec::with_capacity(results.len()),
+        error: None,
+    };
+    for (index, result) in results.iter().enumerate() {
+        let item = match result {
+            Ok(outcome) => {
+                response.accepted += 1;
+                ItemResponse {
+                    index,
+                    status: "accepted",
+                    profile_id: Some(outcome.profile_id.clone()),
+                    created: Some(outcome.created),
+                    merged_profile_ids: outcome.merged_profile_ids.clone(),
+                    warnings: outcome
+                        .warnings
+                        .iter()
+                        .map(|warning| WarningResponse {
+                            code: warning.code(),
+                            message: warning.message(),
+                        })
+                        .collect(),
+                    error: None,
+                }
+            }
+            Err(rejection) => {
+                response.rejected += 1;
+                let public =
+                    PublicError::from_field(&rejection.clone().prefixed(&item_path(index)));
+                response.error.get_or_insert_with(|| public.clone());
+                ItemResponse {
+                    index,
+                    status: "rejected",
+                    profile_id: None,
+                    created: None,
+                    merged_profile_ids: Vec::new(),
+                    warnings: Vec::new(),
+                    error: Some(public),
+                }
+            }
+        };
+        response.results.push(item);
+    }
+    let status = if response.rejected == 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    (status, Json(response)).into_response()
+}

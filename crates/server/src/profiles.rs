@@ -1,0 +1,208 @@
+//! The read side (server key only): a profile by id, by identifier, and a paginated listing with
+//! an equality filter on one trait.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{Path, RawQuery, State};
+use roster_core::{ErrorCode, IdentifierKind};
+use roster_engine::{Profile, ProfileFilter};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::AppState;
+use crate::auth::Caller;
+use crate::error::ApiError;
+
+const DEFAULT_PAGE_SIZE: usize = 50;
+const MAX_PAGE_SIZE: usize = 1000;
+
+#[derive(Debug, Serialize)]
+pub struct ProfileResponse {
+    pub profile_id: String,
+    pub environment: String,
+    pub user_id: Option<String>,
+    pub identified: bool,
+    pub anonymous_ids: Vec<String>,
+    pub traits: Map<String, Value>,
+    /// When each trait was last written (the timestamp of the winning update).
+    pub trait_timestamps: BTreeMap<String, String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl ProfileResponse {
+    fn new(profile: Profile, environment: &str) -> Self {
+        ProfileResponse {
+            profile_id: profile.profile_id,
+            environment: environment.to_owned(),
+            user_id: profile.user_id,
+            identified: profile.identified,
+            anonymous_ids: profile.anonymous_ids,
+            traits: profile.traits,
+            trait_timestamps: profile
+                .trait_timestamps
+                .into_iter()
+                .map(|(key, at)| (key, at.to_rfc3339()))
+                .collect(),
+            created_at: profile.created_at.to_rfc3339(),
+            updated_at: profile.updated_at.to_rfc3339(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProfileListResponse {
+    pub profiles: Vec<ProfileResponse>,
+    /// Pass as `?after=` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<String>,
+}
+
+fn environment_slug(principal: &roster_engine::Principal) -> String {
+    principal
+        .environment()
+        .map(|environment| environment.slug.clone())
+        .unwrap_or_default()
+}
+
+/// `GET /v1/profiles/{profile_id}`.
+pub async fn get_profile(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(profile_id): Path<String>,
+) -> Result<Json<ProfileResponse>, ApiError> {
+    let profile = state.engine.profile(&principal, &profile_id).await?;
+    Ok(Json(ProfileResponse::new(
+        profile,
+        &environment_slug(&principal),
+    )))
+}
+
+/// The listing's query: identifier lookups, one trait filter, pagination.
+#[derive(Debug, Default)]
+struct ListQuery {
+    identifier: Option<(IdentifierKind, String)>,
+    filter: ProfileFilter,
+    after: Option<String>,
+    limit: usize,
+}
+
+impl ListQuery {
+    fn parse(query: Option<&str>) -> Result<Self, ApiError> {
+        let mut parsed = ListQuery {
+            limit: DEFAULT_PAGE_SIZE,
+            ..ListQuery::default()
+        };
+        for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+            let (name, value) = (name.into_owned(), value.into_owned());
+            match name.as_str() {
+                "apiKey" => {}
+                "user_id" | "distinct_id" => {
+                    parsed.set_identifier(IdentifierKind::UserId, value)?
+                }
+                "anonymous_id" => parsed.set_identifier(IdentifierKind::AnonymousId, value)?,
+                "after" => parsed.after = Some(value),
+                "limit" => parsed.limit = parse_limit(&value)?,
+                _ => match name.strip_prefix("trait.") {
+                    Some(key) => parsed.set_trait_filter(key, &value)?,
+                    None => {
+                        return Err(invalid_parameter(
+                            &name,
+                            "is not a listing parameter; use user_id, anonymous_id, trait.<key>, limit or after",
+                        ));
+                    }
+                },
+            }
+        }
+        Ok(parsed)
+    }
+
+    fn set_identifier(&mut self, kind: IdentifierKind, value: String) -> Result<(), ApiError> {
+        if self.identifier.is_some() {
+            return Err(invalid_parameter(
+                kind.as_str(),
+                "only one identifier lookup per request",
+            ));
+        }
+        self.identifier = Some((kind, value));
+        Ok(())
+    }
+
+    fn set_trait_filter(&mut self, key: &str, value: &str) -> Result<(), ApiError> {
+        if self.filter.trait_equals.is_some() {
+            return Err(invalid_parameter(
+                "trait",
+                "only one trait filter per request",
+            ));
+        }
+        if key.is_empty() || key.contains('"') {
+            return Err(invalid_parameter(
+                &format!("trait.{key}"),
+                "trait key must be non-empty and contain no `\"`",
+            ));
+        }
+        // A JSON literal (`30`, `true`, `"30"`) matches by type; anything else is a string.
+        let wanted = serde_json::from_str::<Value>(value)
+            .ok()
+            .filter(|parsed| !parsed.is_object() && !parsed.is_array() && !parsed.is_null())
+            .unwrap_or_else(|| Value::String(value.to_owned()));
+        self.filter.trait_equals = Some((key.to_owned(), wanted));
+        Ok(())
+    }
+}
+
+fn parse_limit(value: &str) -> Result<usize, ApiError> {
+    match value.parse::<usize>() {
+        Ok(limit) if (1..=MAX_PAGE_SIZE).contains(&limit) => Ok(limit),
+        _ => Err(invalid_parameter(
+            "limit",
+            &format!("must be a whole number from 1 to {MAX_PAGE_SIZE}"),
+        )),
+    }
+}
+
+fn invalid_parameter(name: &str, rule: &str) -> ApiError {
+    let mut error = ApiError::new(
+        ErrorCode::InvalidQueryParameter,
+        format!("query parameter `{name}` {rule}"),
+    );
+    error.body.path = Some(name.to_owned());
+    error
+}
+
+/// `GET /v1/profiles?user_id=…|anonymous_id=…|trait.<key>=…&limit=&after=`.
+pub async fn list_profiles(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    RawQuery(query): RawQuery,
+) -> Result<Json<ProfileListResponse>, ApiError> {
+    let query = ListQuery::parse(query.as_deref())?;
+    let slug = environment_slug(&principal);
+    if let Some((kind, value)) = &query.identifier {
+        let found = state
+            .engine
+            .profile_by_identifier(&principal, *kind, value)
+            .await?;
+        let profiles = found
+            .into_iter()
+            .map(|profile| ProfileResponse::new(profile, &slug))
+            .collect();
+        return Ok(Json(ProfileListResponse {
+            profiles,
+            next_after: None,
+        }));
+    }
+    let page = state
+        .engine
+        .list_profiles(&principal, query.filter, query.after, query.limit)
+        .await?;
+    Ok(Json(ProfileListResponse {
+        profiles: page
+            .profiles
+            .into_iter()
+            .map(|profile| ProfileResponse::new(profile, &slug))
+            .collect(),
+        next_after: page.next_after,
+    }))
+}
