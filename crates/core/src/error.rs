@@ -80,11 +80,7 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(code: ErrorCode, path: impl Into<String>, message: impl Into<String>) -> Self {
-        FieldError {
-            code,
-            path: path.into(),
-            message: message.into(),
-        }
+        FieldError { code, path: path.into(), message: message.into() }
     }
 
     /// The same error seen from an enclosing document (`prefix` + `.` + own path).

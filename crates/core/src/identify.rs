@@ -71,13 +71,7 @@ impl IdentifyCommand {
         }
         limits.validate_trait_patch(&traits, "traits")?;
         limits.validate_trait_patch(&traits_set_once, "traits_set_once")?;
-        Ok(IdentifyCommand {
-            user_id,
-            anonymous_id,
-            traits,
-            traits_set_once,
-            timestamp,
-        })
+        Ok(IdentifyCommand { user_id, anonymous_id, traits, traits_set_once, timestamp })
     }
 }
 
@@ -89,15 +83,9 @@ mod tests {
 
     #[test]
     fn needs_a_user_id_or_an_anonymous_id() {
-        let error = IdentifyCommand::new(
-            None,
-            None,
-            Map::new(),
-            Map::new(),
-            Timestamp::from_micros(0),
-            &Limits::default(),
-        )
-        .unwrap_err();
+        let error =
+            IdentifyCommand::new(None, None, Map::new(), Map::new(), Timestamp::from_micros(0), &Limits::default())
+                .unwrap_err();
         assert_eq!(error.code, ErrorCode::MissingIdentifier);
         assert!(
             IdentifyCommand::new(
@@ -114,10 +102,7 @@ mod tests {
 
     #[test]
     fn trait_violations_name_the_trait_path() {
-        let traits = json!({ "bio": "x".repeat(2001) })
-            .as_object()
-            .unwrap()
-            .clone();
+        let traits = json!({ "bio": "x".repeat(2001) }).as_object().unwrap().clone();
         let error = IdentifyCommand::new(
             Some("u".into()),
             None,

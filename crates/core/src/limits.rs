@@ -38,11 +38,7 @@ impl Default for Limits {
 impl Limits {
     /// Validates a trait patch (the `traits` object of one identify) against the per-value limits.
     /// `path` is the patch's own path (normally `traits`).
-    pub fn validate_trait_patch(
-        &self,
-        patch: &Map<String, Value>,
-        path: &str,
-    ) -> Result<(), FieldError> {
+    pub fn validate_trait_patch(&self, patch: &Map<String, Value>, path: &str) -> Result<(), FieldError> {
         for (key, value) in patch {
             let key_path = join_path(path, key);
             self.validate_key(key, &key_path)?;
@@ -54,32 +50,20 @@ impl Limits {
     /// Validates an identifier value (user id, anonymous id).
     pub fn validate_identifier(&self, value: &str, path: &str) -> Result<(), FieldError> {
         if value.trim().is_empty() {
-            return Err(FieldError::new(
-                ErrorCode::InvalidIdentifier,
-                path,
-                "must be a non-empty string",
-            ));
+            return Err(FieldError::new(ErrorCode::InvalidIdentifier, path, "must be a non-empty string"));
         }
         if value.len() > self.max_identifier_bytes {
             return Err(FieldError::new(
                 ErrorCode::InvalidIdentifier,
                 path,
-                format!(
-                    "is {} bytes; the limit is {} bytes",
-                    value.len(),
-                    self.max_identifier_bytes
-                ),
+                format!("is {} bytes; the limit is {} bytes", value.len(), self.max_identifier_bytes),
             ));
         }
         Ok(())
     }
 
     /// Checks the whole profile after a patch was merged in.
-    pub fn validate_profile(
-        &self,
-        live_trait_count: usize,
-        serialized_bytes: usize,
-    ) -> Result<(), FieldError> {
+    pub fn validate_profile(&self, live_trait_count: usize, serialized_bytes: usize) -> Result<(), FieldError> {
         if live_trait_count > self.max_traits_per_profile {
             return Err(FieldError::new(
                 ErrorCode::TooManyTraits,
@@ -105,21 +89,13 @@ impl Limits {
 
     fn validate_key(&self, key: &str, path: &str) -> Result<(), FieldError> {
         if key.is_empty() {
-            return Err(FieldError::new(
-                ErrorCode::TraitKeyEmpty,
-                path,
-                "trait keys must not be empty",
-            ));
+            return Err(FieldError::new(ErrorCode::TraitKeyEmpty, path, "trait keys must not be empty"));
         }
         if key.len() > self.max_key_bytes {
             return Err(FieldError::new(
                 ErrorCode::TraitKeyTooLong,
                 path,
-                format!(
-                    "key is {} bytes; the limit is {} bytes",
-                    key.len(),
-                    self.max_key_bytes
-                ),
+                format!("key is {} bytes; the limit is {} bytes", key.len(), self.max_key_bytes),
             ));
         }
         Ok(())
@@ -131,11 +107,7 @@ impl Limits {
             Value::String(text) if text.len() > self.max_string_bytes => Err(FieldError::new(
                 ErrorCode::TraitStringTooLong,
                 path,
-                format!(
-                    "string is {} bytes; the limit is {} bytes",
-                    text.len(),
-                    self.max_string_bytes
-                ),
+                format!("string is {} bytes; the limit is {} bytes", text.len(), self.max_string_bytes),
             )),
             Value::String(_) => Ok(()),
             Value::Array(items) => {
@@ -162,10 +134,7 @@ impl Limits {
             return Err(FieldError::new(
                 ErrorCode::TraitNestingTooDeep,
                 path,
-                format!(
-                    "value nests deeper than the limit of {} levels",
-                    self.max_depth
-                ),
+                format!("value nests deeper than the limit of {} levels", self.max_depth),
             ));
         }
         Ok(())
@@ -186,15 +155,10 @@ mod tests {
     fn string_at_the_limit_passes_and_one_byte_more_fails_with_its_path() {
         let limits = Limits::default();
         let at_limit = "x".repeat(2000);
-        assert!(
-            limits
-                .validate_trait_patch(&patch(json!({ "bio": at_limit })), "traits")
-                .is_ok()
-        );
+        assert!(limits.validate_trait_patch(&patch(json!({ "bio": at_limit })), "traits").is_ok());
         let over = "x".repeat(2001);
-        let error = limits
-            .validate_trait_patch(&patch(json!({ "address": { "street": over } })), "traits")
-            .unwrap_err();
+        let error =
+            limits.validate_trait_patch(&patch(json!({ "address": { "street": over } })), "traits").unwrap_err();
         assert_eq!(error.code, ErrorCode::TraitStringTooLong);
         assert_eq!(error.path, "traits.address.street");
         assert!(error.message.contains("2000"));
@@ -202,54 +166,28 @@ mod tests {
 
     #[test]
     fn multibyte_strings_are_measured_in_bytes() {
-        let limits = Limits {
-            max_string_bytes: 4,
-            ..Limits::default()
-        };
-        assert!(
-            limits
-                .validate_trait_patch(&patch(json!({ "e": "éé" })), "traits")
-                .is_ok()
-        );
-        assert!(
-            limits
-                .validate_trait_patch(&patch(json!({ "e": "ééé" })), "traits")
-                .is_err()
-        );
+        let limits = Limits { max_string_bytes: 4, ..Limits::default() };
+        assert!(limits.validate_trait_patch(&patch(json!({ "e": "éé" })), "traits").is_ok());
+        assert!(limits.validate_trait_patch(&patch(json!({ "e": "ééé" })), "traits").is_err());
     }
 
     #[test]
     fn keys_are_limited_at_every_level() {
         let limits = Limits::default();
         let long_key = "k".repeat(257);
-        let error = limits
-            .validate_trait_patch(&patch(json!({ long_key.clone(): 1 })), "traits")
-            .unwrap_err();
+        let error = limits.validate_trait_patch(&patch(json!({ long_key.clone(): 1 })), "traits").unwrap_err();
         assert_eq!(error.code, ErrorCode::TraitKeyTooLong);
-        let error = limits
-            .validate_trait_patch(&patch(json!({ "company": { long_key: 1 } })), "traits")
-            .unwrap_err();
+        let error = limits.validate_trait_patch(&patch(json!({ "company": { long_key: 1 } })), "traits").unwrap_err();
         assert!(error.path.starts_with("traits.company."));
-        let error = limits
-            .validate_trait_patch(&patch(json!({ "": 1 })), "traits")
-            .unwrap_err();
+        let error = limits.validate_trait_patch(&patch(json!({ "": 1 })), "traits").unwrap_err();
         assert_eq!(error.code, ErrorCode::TraitKeyEmpty);
     }
 
     #[test]
     fn nesting_depth_is_limited_and_array_paths_are_indexed() {
-        let limits = Limits {
-            max_depth: 3,
-            ..Limits::default()
-        };
-        assert!(
-            limits
-                .validate_trait_patch(&patch(json!({ "a": { "b": [1] } })), "traits")
-                .is_ok()
-        );
-        let error = limits
-            .validate_trait_patch(&patch(json!({ "a": { "b": [[1]] } })), "traits")
-            .unwrap_err();
+        let limits = Limits { max_depth: 3, ..Limits::default() };
+        assert!(limits.validate_trait_patch(&patch(json!({ "a": { "b": [1] } })), "traits").is_ok());
+        let error = limits.validate_trait_patch(&patch(json!({ "a": { "b": [[1]] } })), "traits").unwrap_err();
         assert_eq!(error.code, ErrorCode::TraitNestingTooDeep);
         assert_eq!(error.path, "traits.a.b[0]");
     }
@@ -258,35 +196,15 @@ mod tests {
     fn identifiers_must_be_non_blank_and_bounded() {
         let limits = Limits::default();
         assert!(limits.validate_identifier("u_1", "user_id").is_ok());
-        assert_eq!(
-            limits
-                .validate_identifier("  ", "user_id")
-                .unwrap_err()
-                .code,
-            ErrorCode::InvalidIdentifier
-        );
-        assert!(
-            limits
-                .validate_identifier(&"u".repeat(257), "user_id")
-                .is_err()
-        );
+        assert_eq!(limits.validate_identifier("  ", "user_id").unwrap_err().code, ErrorCode::InvalidIdentifier);
+        assert!(limits.validate_identifier(&"u".repeat(257), "user_id").is_err());
     }
 
     #[test]
     fn profile_limits_name_the_limit() {
-        let limits = Limits {
-            max_traits_per_profile: 2,
-            max_profile_bytes: 10,
-            ..Limits::default()
-        };
+        let limits = Limits { max_traits_per_profile: 2, max_profile_bytes: 10, ..Limits::default() };
         assert!(limits.validate_profile(2, 10).is_ok());
-        assert_eq!(
-            limits.validate_profile(3, 5).unwrap_err().code,
-            ErrorCode::TooManyTraits
-        );
-        assert_eq!(
-            limits.validate_profile(1, 11).unwrap_err().code,
-            ErrorCode::ProfileTooLarge
-        );
+        assert_eq!(limits.validate_profile(3, 5).unwrap_err().code, ErrorCode::TooManyTraits);
+        assert_eq!(limits.validate_profile(1, 11).unwrap_err().code, ErrorCode::ProfileTooLarge);
     }
 }

@@ -45,10 +45,7 @@ pub enum LinkTarget {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkWarning {
     /// The anonymous id belongs to another identified user; it was not linked and nothing merged.
-    AnonymousIdOwnedByOtherUser {
-        anonymous_id: String,
-        owner_profile_id: String,
-    },
+    AnonymousIdOwnedByOtherUser { anonymous_id: String, owner_profile_id: String },
 }
 
 impl LinkWarning {
@@ -60,10 +57,7 @@ impl LinkWarning {
 
     pub fn message(&self) -> String {
         match self {
-            LinkWarning::AnonymousIdOwnedByOtherUser {
-                anonymous_id,
-                owner_profile_id,
-            } => format!(
+            LinkWarning::AnonymousIdOwnedByOtherUser { anonymous_id, owner_profile_id } => format!(
                 "anonymous_id `{anonymous_id}` belongs to another identified user (profile {owner_profile_id}); \
                  it was not linked and no profiles were merged"
             ),
@@ -104,20 +98,12 @@ impl LinkPlan {
 /// Decides how an identify links. Pure: the caller looked the identifiers up in the same
 /// transaction that will carry the plan out.
 pub fn plan_link(input: LinkInput<'_>) -> LinkPlan {
-    let LinkInput {
-        user_id,
-        anonymous_id,
-        user_profile,
-        anonymous_profile,
-    } = input;
+    let LinkInput { user_id, anonymous_id, user_profile, anonymous_profile } = input;
     let Some(user_id) = user_id else {
         // Anonymous-only identify: traits for the device's profile, whoever it belongs to now.
         return match anonymous_profile {
             Some(profile) => LinkPlan::on(LinkTarget::Existing(profile.profile_id)),
-            None => LinkPlan {
-                link_anonymous_id: anonymous_id.map(str::to_owned),
-                ..LinkPlan::on(LinkTarget::New)
-            },
+            None => LinkPlan { link_anonymous_id: anonymous_id.map(str::to_owned), ..LinkPlan::on(LinkTarget::New) },
         };
     };
 
@@ -176,11 +162,7 @@ mod tests {
     use super::*;
 
     fn profile(id: &str, user_id: Option<&str>, identified: bool) -> ProfileRef {
-        ProfileRef {
-            profile_id: id.into(),
-            user_id: user_id.map(Into::into),
-            identified,
-        }
+        ProfileRef { profile_id: id.into(), user_id: user_id.map(Into::into), identified }
     }
 
     fn input<'a>(
@@ -189,12 +171,7 @@ mod tests {
         user_profile: Option<ProfileRef>,
         anonymous_profile: Option<ProfileRef>,
     ) -> LinkInput<'a> {
-        LinkInput {
-            user_id,
-            anonymous_id,
-            user_profile,
-            anonymous_profile,
-        }
+        LinkInput { user_id, anonymous_id, user_profile, anonymous_profile }
     }
 
     #[test]
@@ -203,9 +180,7 @@ mod tests {
         assert_eq!(plan.target, LinkTarget::New);
         assert_eq!(plan.set_user_id.as_deref(), Some("u1"));
         assert_eq!(plan.link_anonymous_id.as_deref(), Some("a1"));
-        assert!(
-            plan.mark_identified && plan.absorb_profile_id.is_none() && plan.warnings.is_empty()
-        );
+        assert!(plan.mark_identified && plan.absorb_profile_id.is_none() && plan.warnings.is_empty());
     }
 
     #[test]
@@ -213,24 +188,14 @@ mod tests {
         let plan = plan_link(input(None, Some("a1"), None, None));
         assert_eq!(plan.target, LinkTarget::New);
         assert!(plan.set_user_id.is_none() && !plan.mark_identified);
-        let plan = plan_link(input(
-            None,
-            Some("a1"),
-            None,
-            Some(profile("p1", Some("u1"), true)),
-        ));
+        let plan = plan_link(input(None, Some("a1"), None, Some(profile("p1", Some("u1"), true))));
         assert_eq!(plan.target, LinkTarget::Existing("p1".into()));
         assert!(plan.set_user_id.is_none() && plan.warnings.is_empty());
     }
 
     #[test]
     fn known_anonymous_profile_becomes_the_new_users() {
-        let plan = plan_link(input(
-            Some("u1"),
-            Some("a1"),
-            None,
-            Some(profile("p_anon", None, false)),
-        ));
+        let plan = plan_link(input(Some("u1"), Some("a1"), None, Some(profile("p_anon", None, false))));
         assert_eq!(plan.target, LinkTarget::Existing("p_anon".into()));
         assert_eq!(plan.set_user_id.as_deref(), Some("u1"));
         assert!(plan.absorb_profile_id.is_none());
@@ -238,12 +203,8 @@ mod tests {
 
     #[test]
     fn track_only_distinct_id_is_not_identified_and_becomes_the_users() {
-        let plan = plan_link(input(
-            Some("u1"),
-            Some("device-1"),
-            None,
-            Some(profile("p_dev", Some("device-1"), false)),
-        ));
+        let plan =
+            plan_link(input(Some("u1"), Some("device-1"), None, Some(profile("p_dev", Some("device-1"), false))));
         assert_eq!(plan.target, LinkTarget::Existing("p_dev".into()));
         assert_eq!(plan.set_user_id.as_deref(), Some("u1"));
     }
@@ -273,12 +234,7 @@ mod tests {
         assert!(plan.absorb_profile_id.is_none() && plan.link_anonymous_id.is_none());
         assert_eq!(plan.warnings[0].code(), "anonymous_id_owned_by_other_user");
 
-        let plan = plan_link(input(
-            Some("u3"),
-            Some("shared-device"),
-            None,
-            Some(profile("p_u1", Some("u1"), true)),
-        ));
+        let plan = plan_link(input(Some("u3"), Some("shared-device"), None, Some(profile("p_u1", Some("u1"), true))));
         assert_eq!(plan.target, LinkTarget::New);
         assert!(plan.link_anonymous_id.is_none());
         assert_eq!(plan.warnings.len(), 1);
@@ -287,12 +243,7 @@ mod tests {
     #[test]
     fn user_already_holding_the_anonymous_id_is_just_updated() {
         let user = profile("p_user", Some("u1"), true);
-        let plan = plan_link(input(
-            Some("u1"),
-            Some("a1"),
-            Some(user.clone()),
-            Some(user),
-        ));
+        let plan = plan_link(input(Some("u1"), Some("a1"), Some(user.clone()), Some(user)));
         assert_eq!(plan.target, LinkTarget::Existing("p_user".into()));
         assert!(plan.absorb_profile_id.is_none() && plan.warnings.is_empty());
     }

@@ -41,9 +41,7 @@ impl Timestamp {
     pub fn to_rfc3339(self) -> String {
         let nanos = i128::from(self.0) * 1_000;
         match OffsetDateTime::from_unix_timestamp_nanos(nanos) {
-            Ok(datetime) => datetime
-                .format(&Rfc3339)
-                .unwrap_or_else(|_| self.0.to_string()),
+            Ok(datetime) => datetime.format(&Rfc3339).unwrap_or_else(|_| self.0.to_string()),
             Err(_) => self.0.to_string(),
         }
     }
@@ -75,8 +73,7 @@ mod tests {
     #[test]
     fn parses_and_formats_round_trip_with_offsets() {
         let utc = Timestamp::parse_rfc3339("2026-01-02T03:04:05.678Z", "timestamp").unwrap();
-        let offset =
-            Timestamp::parse_rfc3339("2026-01-02T04:04:05.678+01:00", "timestamp").unwrap();
+        let offset = Timestamp::parse_rfc3339("2026-01-02T04:04:05.678+01:00", "timestamp").unwrap();
         assert_eq!(utc, offset);
         assert_eq!(utc.to_rfc3339(), "2026-01-02T03:04:05.678Z");
     }

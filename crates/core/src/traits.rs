@@ -29,15 +29,13 @@ impl TraitEntry {
     }
 
     fn order_against(&self, other: &TraitEntry) -> Ordering {
-        self.updated_at
-            .cmp(&other.updated_at)
-            .then_with(|| match (&self.value, &other.value) {
-                (None, None) => Ordering::Equal,
-                (None, Some(_)) => Ordering::Greater,
-                (Some(_), None) => Ordering::Less,
-                (Some(mine), Some(theirs)) if mine == theirs => Ordering::Equal,
-                (Some(mine), Some(theirs)) => canonical_json(mine).cmp(&canonical_json(theirs)),
-            })
+        self.updated_at.cmp(&other.updated_at).then_with(|| match (&self.value, &other.value) {
+            (None, None) => Ordering::Equal,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(_), None) => Ordering::Less,
+            (Some(mine), Some(theirs)) if mine == theirs => Ordering::Equal,
+            (Some(mine), Some(theirs)) => canonical_json(mine).cmp(&canonical_json(theirs)),
+        })
     }
 }
 
@@ -59,10 +57,7 @@ impl TraitSet {
 
     /// Rebuilds the set from its stored form: live values plus the timestamps of every key
     /// (a key with a timestamp and no value is a tombstone).
-    pub fn from_stored(
-        live_values: Map<String, Value>,
-        timestamps: BTreeMap<String, Timestamp>,
-    ) -> Self {
+    pub fn from_stored(live_values: Map<String, Value>, timestamps: BTreeMap<String, Timestamp>) -> Self {
         let mut live_values = live_values;
         let entries = timestamps
             .into_iter()
@@ -93,18 +88,10 @@ impl TraitSet {
 
     /// Applies a patch: every key sent is written (`null` deletes), keys not sent are left alone.
     /// Returns the keys whose state changed.
-    pub fn apply_patch(
-        &mut self,
-        patch: &Map<String, Value>,
-        updated_at: Timestamp,
-    ) -> Vec<String> {
+    pub fn apply_patch(&mut self, patch: &Map<String, Value>, updated_at: Timestamp) -> Vec<String> {
         let mut changed = Vec::new();
         for (key, value) in patch {
-            let value = if value.is_null() {
-                None
-            } else {
-                Some(value.clone())
-            };
+            let value = if value.is_null() { None } else { Some(value.clone()) };
             if self.apply(key, value, updated_at) {
                 changed.push(key.clone());
             }
@@ -113,19 +100,10 @@ impl TraitSet {
     }
 
     /// Writes only keys the profile has never held a live value or tombstone for (`$set_once`).
-    pub fn apply_patch_if_absent(
-        &mut self,
-        patch: &Map<String, Value>,
-        updated_at: Timestamp,
-    ) -> Vec<String> {
+    pub fn apply_patch_if_absent(&mut self, patch: &Map<String, Value>, updated_at: Timestamp) -> Vec<String> {
         let mut changed = Vec::new();
         for (key, value) in patch {
-            if value.is_null()
-                || self
-                    .entries
-                    .get(key)
-                    .is_some_and(|entry| entry.value.is_some())
-            {
+            if value.is_null() || self.entries.get(key).is_some_and(|entry| entry.value.is_some()) {
                 continue;
             }
             if self.apply(key, Some(value.clone()), updated_at) {
@@ -149,25 +127,16 @@ impl TraitSet {
 
     /// The live values (tombstones left out), as stored in the `traits` column and shown to users.
     pub fn live_values(&self) -> Map<String, Value> {
-        self.entries
-            .iter()
-            .filter_map(|(key, entry)| entry.value.clone().map(|value| (key.clone(), value)))
-            .collect()
+        self.entries.iter().filter_map(|(key, entry)| entry.value.clone().map(|value| (key.clone(), value))).collect()
     }
 
     /// Timestamps of every key, tombstones included (the stored companion of `live_values`).
     pub fn timestamps(&self) -> BTreeMap<String, Timestamp> {
-        self.entries
-            .iter()
-            .map(|(key, entry)| (key.clone(), entry.updated_at))
-            .collect()
+        self.entries.iter().map(|(key, entry)| (key.clone(), entry.updated_at)).collect()
     }
 
     pub fn live_count(&self) -> usize {
-        self.entries
-            .values()
-            .filter(|entry| entry.value.is_some())
-            .count()
+        self.entries.values().filter(|entry| entry.value.is_some()).count()
     }
 
     pub fn entries(&self) -> impl Iterator<Item = (&String, &TraitEntry)> {
@@ -204,15 +173,9 @@ mod tests {
     fn older_write_does_not_change_a_newer_trait() {
         let mut traits = TraitSet::new();
         traits.apply_patch(&patch(json!({ "plan": "enterprise" })), at(20));
-        let changed = traits.apply_patch(
-            &patch(json!({ "plan": "starter", "role": "admin" })),
-            at(10),
-        );
+        let changed = traits.apply_patch(&patch(json!({ "plan": "starter", "role": "admin" })), at(10));
         assert_eq!(changed, vec!["role".to_owned()]);
-        assert_eq!(
-            traits.live_values(),
-            patch(json!({ "plan": "enterprise", "role": "admin" }))
-        );
+        assert_eq!(traits.live_values(), patch(json!({ "plan": "enterprise", "role": "admin" })));
     }
 
     #[test]
@@ -229,24 +192,16 @@ mod tests {
     #[test]
     fn nested_object_replaces_the_whole_value() {
         let mut traits = TraitSet::new();
-        traits.apply_patch(
-            &patch(json!({ "address": { "city": "Paris", "zip": "75001" } })),
-            at(1),
-        );
+        traits.apply_patch(&patch(json!({ "address": { "city": "Paris", "zip": "75001" } })), at(1));
         traits.apply_patch(&patch(json!({ "address": { "city": "Lyon" } })), at(2));
-        assert_eq!(
-            traits.live_values(),
-            patch(json!({ "address": { "city": "Lyon" } }))
-        );
+        assert_eq!(traits.live_values(), patch(json!({ "address": { "city": "Lyon" } })));
     }
 
     #[test]
     fn numbers_keep_their_exact_type() {
         let mut traits = TraitSet::new();
-        let sent: Map<String, Value> = serde_json::from_str(
-            r#"{"int":1,"float":1.5,"whole_float":2.0,"big":9007199254740993}"#,
-        )
-        .unwrap();
+        let sent: Map<String, Value> =
+            serde_json::from_str(r#"{"int":1,"float":1.5,"whole_float":2.0,"big":9007199254740993}"#).unwrap();
         traits.apply_patch(&sent, at(1));
         assert_eq!(
             serde_json::to_string(&traits.live_values()).unwrap(),
@@ -258,8 +213,7 @@ mod tests {
     fn set_once_only_fills_keys_without_a_live_value() {
         let mut traits = TraitSet::new();
         traits.apply_patch(&patch(json!({ "first_seen": "a" })), at(5));
-        let changed = traits
-            .apply_patch_if_absent(&patch(json!({ "first_seen": "b", "source": "ad" })), at(9));
+        let changed = traits.apply_patch_if_absent(&patch(json!({ "first_seen": "b", "source": "ad" })), at(9));
         assert_eq!(changed, vec!["source".to_owned()]);
         assert_eq!(traits.get("first_seen").unwrap().value, Some(json!("a")));
     }
@@ -276,8 +230,7 @@ mod tests {
     /// One write: a key from a small set (so writes collide), a value or a delete, and a timestamp
     /// from a small range (so ties happen and the tie-break is exercised).
     fn update_strategy() -> impl Strategy<Value = (String, Option<Value>, i64)> {
-        let key =
-            prop::sample::select(vec!["plan", "email", "age", "address"]).prop_map(str::to_owned);
+        let key = prop::sample::select(vec!["plan", "email", "age", "address"]).prop_map(str::to_owned);
         let value = prop_oneof![
             Just(None),
             any::<bool>().prop_map(|flag| Some(json!(flag))),

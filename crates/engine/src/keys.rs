@@ -61,9 +61,7 @@ impl Principal {
     pub(crate) fn require_admin(&self) -> Result<(), EngineError> {
         match self {
             Principal::Admin => Ok(()),
-            _ => Err(EngineError::Forbidden(
-                "managing environments needs the admin token".into(),
-            )),
+            _ => Err(EngineError::Forbidden("managing environments needs the admin token".into())),
         }
     }
 
@@ -86,10 +84,7 @@ pub struct KeyIndex {
 
 impl KeyIndex {
     pub(crate) fn build(records: Vec<EnvironmentRecord>, admin_token_hash: Option<String>) -> Self {
-        let mut index = KeyIndex {
-            admin_token_hash,
-            ..KeyIndex::default()
-        };
+        let mut index = KeyIndex { admin_token_hash, ..KeyIndex::default() };
         for record in records {
             let environment = Arc::new(Environment {
                 id: record.id,
@@ -97,12 +92,8 @@ impl KeyIndex {
                 name: record.name,
                 client_key: record.client_key.clone(),
             });
-            index
-                .by_client_key
-                .insert(record.client_key, Arc::clone(&environment));
-            index
-                .by_server_key_hash
-                .insert(record.server_key_hash, Arc::clone(&environment));
+            index.by_client_key.insert(record.client_key, Arc::clone(&environment));
+            index.by_server_key_hash.insert(record.server_key_hash, Arc::clone(&environment));
             index.ordered.push(environment);
         }
         index
@@ -110,21 +101,13 @@ impl KeyIndex {
 
     pub(crate) fn authenticate(&self, presented_key: &str) -> Option<Principal> {
         if presented_key.starts_with(SERVER_KEY_PREFIX) {
-            return self
-                .by_server_key_hash
-                .get(&hash_secret(presented_key))
-                .cloned()
-                .map(Principal::Server);
+            return self.by_server_key_hash.get(&hash_secret(presented_key)).cloned().map(Principal::Server);
         }
         if presented_key.starts_with(ADMIN_TOKEN_PREFIX) {
             let presented_hash = hash_secret(presented_key);
-            return (self.admin_token_hash.as_deref() == Some(presented_hash.as_str()))
-                .then_some(Principal::Admin);
+            return (self.admin_token_hash.as_deref() == Some(presented_hash.as_str())).then_some(Principal::Admin);
         }
-        self.by_client_key
-            .get(presented_key)
-            .cloned()
-            .map(Principal::Client)
+        self.by_client_key.get(presented_key).cloned().map(Principal::Client)
     }
 
     pub(crate) fn environments(&self) -> Vec<Arc<Environment>> {
@@ -133,10 +116,7 @@ impl KeyIndex {
 }
 
 pub(crate) fn hash_secret(secret: &str) -> String {
-    Sha256::digest(secret.as_bytes())
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    Sha256::digest(secret.as_bytes()).iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 fn random_base62(length: usize) -> String {
@@ -144,10 +124,7 @@ fn random_base62(length: usize) -> String {
     getrandom::fill(&mut bytes).expect("the operating system's random source is unavailable");
     // 62 does not divide 256; the bias (4/256 on 8 of 62 symbols) costs < 0.1 bit per symbol,
     // irrelevant at these lengths (≥ 22 symbols, > 128 bits).
-    bytes
-        .iter()
-        .map(|byte| BASE62[usize::from(*byte) % BASE62.len()] as char)
-        .collect()
+    bytes.iter().map(|byte| BASE62[usize::from(*byte) % BASE62.len()] as char).collect()
 }
 
 pub(crate) fn generate_client_key() -> String {
@@ -162,11 +139,7 @@ pub(crate) fn generate_admin_token() -> String {
     format!("{ADMIN_TOKEN_PREFIX}{}", random_base62(40))
 }
 
-pub(crate) fn new_environment(
-    slug: &str,
-    name: &str,
-    created_at: Timestamp,
-) -> (NewEnvironment, EnvironmentKeys) {
+pub(crate) fn new_environment(slug: &str, name: &str, created_at: Timestamp) -> (NewEnvironment, EnvironmentKeys) {
     let (client_key, server_key) = (generate_client_key(), generate_server_key());
     let record = NewEnvironment {
         slug: slug.to_owned(),
@@ -175,23 +148,14 @@ pub(crate) fn new_environment(
         server_key_hash: hash_secret(&server_key),
         created_at,
     };
-    (
-        record,
-        EnvironmentKeys {
-            slug: slug.to_owned(),
-            client_key,
-            server_key,
-        },
-    )
+    (record, EnvironmentKeys { slug: slug.to_owned(), client_key, server_key })
 }
 
 /// Slugs appear in URLs, SQL results and SDK configuration: lower-case letters, digits, `-`, `_`.
 pub(crate) fn validate_slug(slug: &str) -> Result<(), FieldError> {
     let well_formed = !slug.is_empty()
         && slug.len() <= 64
-        && slug.bytes().all(|byte| {
-            byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-' || byte == b'_'
-        })
+        && slug.bytes().all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-' || byte == b'_')
         && slug.as_bytes()[0].is_ascii_alphanumeric();
     if well_formed {
         return Ok(());
@@ -207,12 +171,7 @@ pub(crate) fn validate_slug(slug: &str) -> Result<(), FieldError> {
 mod tests {
     use super::*;
 
-    fn record(
-        id: EnvironmentId,
-        slug: &str,
-        client_key: &str,
-        server_key: &str,
-    ) -> EnvironmentRecord {
+    fn record(id: EnvironmentId, slug: &str, client_key: &str, server_key: &str) -> EnvironmentRecord {
         EnvironmentRecord {
             id,
             slug: slug.into(),
@@ -226,10 +185,7 @@ mod tests {
     #[test]
     fn keys_resolve_to_their_role_and_environment() {
         let index = KeyIndex::build(
-            vec![
-                record(1, "development", "client-dev", "ser.dev"),
-                record(2, "production", "client-prod", "ser.prod"),
-            ],
+            vec![record(1, "development", "client-dev", "ser.dev"), record(2, "production", "client-prod", "ser.prod")],
             Some(hash_secret("adm.secret")),
         );
         assert!(

@@ -82,11 +82,7 @@ pub struct Engine {
 impl Engine {
     /// Builds the engine over `store`, loading the environment keys.
     pub async fn new(store: Arc<dyn Store>, config: EngineConfig) -> EngineResult<Self> {
-        let engine = Engine {
-            store,
-            config,
-            key_index: RwLock::new(Arc::new(KeyIndex::default())),
-        };
+        let engine = Engine { store, config, key_index: RwLock::new(Arc::new(KeyIndex::default())) };
         engine.reload_keys().await?;
         Ok(engine)
     }
@@ -102,17 +98,10 @@ impl Engine {
             return Ok(None);
         }
         let admin_token = keys::generate_admin_token();
-        let (new_environment, environment_keys) =
-            keys::new_environment(DEFAULT_ENVIRONMENT_SLUG, "Development", now());
-        let created = self
-            .store
-            .bootstrap(new_environment, keys::hash_secret(&admin_token))
-            .await?;
+        let (new_environment, environment_keys) = keys::new_environment(DEFAULT_ENVIRONMENT_SLUG, "Development", now());
+        let created = self.store.bootstrap(new_environment, keys::hash_secret(&admin_token)).await?;
         self.reload_keys().await?;
-        Ok(created.map(|_| BootstrapCredentials {
-            admin_token,
-            environments: vec![environment_keys],
-        }))
+        Ok(created.map(|_| BootstrapCredentials { admin_token, environments: vec![environment_keys] }))
     }
 
     /// Resolves a presented key (client key, server key or admin token).
@@ -128,14 +117,11 @@ impl Engine {
     ) -> EngineResult<EnvironmentKeys> {
         principal.require_admin()?;
         keys::validate_slug(slug)?;
-        let (new_environment, environment_keys) =
-            keys::new_environment(slug, name.unwrap_or(slug), now());
+        let (new_environment, environment_keys) = keys::new_environment(slug, name.unwrap_or(slug), now());
         match self.store.create_environment(new_environment).await {
             Ok(_) => {}
             Err(StoreError::Conflict(_)) => {
-                return Err(EngineError::Conflict(format!(
-                    "an environment with slug `{slug}` already exists"
-                )));
+                return Err(EngineError::Conflict(format!("an environment with slug `{slug}` already exists")));
             }
             Err(error) => return Err(error.into()),
         }
@@ -145,29 +131,17 @@ impl Engine {
     }
 
     /// Issues new client and server keys for an environment; the old ones stop working at once.
-    pub async fn rotate_keys(
-        &self,
-        principal: &Principal,
-        slug: &str,
-    ) -> EngineResult<EnvironmentKeys> {
+    pub async fn rotate_keys(&self, principal: &Principal, slug: &str) -> EngineResult<EnvironmentKeys> {
         principal.require_admin()?;
         let (client_key, server_key) = (keys::generate_client_key(), keys::generate_server_key());
-        let replaced = self
-            .store
-            .replace_environment_keys(slug, client_key.clone(), keys::hash_secret(&server_key))
-            .await?;
+        let replaced =
+            self.store.replace_environment_keys(slug, client_key.clone(), keys::hash_secret(&server_key)).await?;
         if replaced.is_none() {
-            return Err(EngineError::NotFound(format!(
-                "no environment has slug `{slug}`"
-            )));
+            return Err(EngineError::NotFound(format!("no environment has slug `{slug}`")));
         }
         self.reload_keys().await?;
         tracing::info!(slug, "rotated environment keys");
-        Ok(EnvironmentKeys {
-            slug: slug.to_owned(),
-            client_key,
-            server_key,
-        })
+        Ok(EnvironmentKeys { slug: slug.to_owned(), client_key, server_key })
     }
 
     pub async fn environments(&self, principal: &Principal) -> EngineResult<Vec<Arc<Environment>>> {
@@ -185,8 +159,7 @@ impl Engine {
     ) -> EngineResult<Vec<Result<IdentifyOutcome, FieldError>>> {
         let environment = principal.require_environment()?;
         let received_at = now();
-        let mut results: Vec<Option<Result<IdentifyOutcome, FieldError>>> =
-            Vec::with_capacity(items.len());
+        let mut results: Vec<Option<Result<IdentifyOutcome, FieldError>>> = Vec::with_capacity(items.len());
         let mut commands = Vec::with_capacity(items.len());
         for item in items {
             match item.and_then(|input| self.identify_command(environment, input, received_at)) {
@@ -200,10 +173,7 @@ impl Engine {
         let mut applied = if commands.is_empty() {
             Vec::new().into_iter()
         } else {
-            self.store
-                .identify(environment.id, commands, self.config.limits.clone())
-                .await?
-                .into_iter()
+            self.store.identify(environment.id, commands, self.config.limits.clone()).await?.into_iter()
         };
         Ok(results
             .into_iter()
@@ -223,10 +193,7 @@ impl Engine {
             return Err(FieldError::new(
                 ErrorCode::EnvironmentMismatch,
                 "environment",
-                format!(
-                    "the API key belongs to environment `{}`, not `{named}`",
-                    environment.slug
-                ),
+                format!("the API key belongs to environment `{}`, not `{named}`", environment.slug),
             ));
         }
         IdentifyCommand::new(
@@ -242,15 +209,9 @@ impl Engine {
     /// A profile by id (merged-away ids forward to the survivor). Server key only.
     pub async fn profile(&self, principal: &Principal, profile_id: &str) -> EngineResult<Profile> {
         let environment = principal.require_server()?;
-        self.store
-            .profile(environment.id, profile_id)
-            .await?
-            .ok_or_else(|| {
-                EngineError::NotFound(format!(
-                    "no profile `{profile_id}` in environment `{}`",
-                    environment.slug
-                ))
-            })
+        self.store.profile(environment.id, profile_id).await?.ok_or_else(|| {
+            EngineError::NotFound(format!("no profile `{profile_id}` in environment `{}`", environment.slug))
+        })
     }
 
     /// A profile by one of its identifiers. Server key only.
@@ -261,10 +222,7 @@ impl Engine {
         value: &str,
     ) -> EngineResult<Option<Profile>> {
         let environment = principal.require_server()?;
-        Ok(self
-            .store
-            .profile_by_identifier(environment.id, kind, value)
-            .await?)
+        Ok(self.store.profile_by_identifier(environment.id, kind, value).await?)
     }
 
     /// A page of profiles. Server key only.
@@ -276,47 +234,29 @@ impl Engine {
         limit: usize,
     ) -> EngineResult<ProfilePage> {
         let environment = principal.require_server()?;
-        Ok(self
-            .store
-            .list_profiles(environment.id, filter, after, limit)
-            .await?)
+        Ok(self.store.list_profiles(environment.id, filter, after, limit).await?)
     }
 
     async fn reload_keys(&self) -> EngineResult<()> {
         let environments = self.store.environments().await?;
         let admin_token_hash = self.store.admin_token_hash().await?;
         let index = Arc::new(KeyIndex::build(environments, admin_token_hash));
-        *self
-            .key_index
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = index;
+        *self.key_index.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = index;
         Ok(())
     }
 
     fn current_keys(&self) -> Arc<KeyIndex> {
-        Arc::clone(
-            &self
-                .key_index
-                .read()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        )
+        Arc::clone(&self.key_index.read().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 }
 
 /// The store answers one result per command; a shorter answer is a backend bug, reported per item
 /// rather than by panicking.
 fn lost_item() -> FieldError {
-    FieldError::new(
-        ErrorCode::Internal,
-        "",
-        "the store returned no result for this item",
-    )
+    FieldError::new(ErrorCode::Internal, "", "the store returned no result for this item")
 }
 
 fn now() -> Timestamp {
-    let micros = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_micros())
-        .unwrap_or_default();
+    let micros = SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_micros()).unwrap_or_default();
     Timestamp::from_micros(i64::try_from(micros).unwrap_or(i64::MAX))
 }

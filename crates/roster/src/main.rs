@@ -13,11 +13,7 @@ use roster_store::SqliteStore;
 use tokio::net::TcpListener;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "roster",
-    version,
-    about = "Self-hosted identity and traits service"
-)]
+#[command(name = "roster", version, about = "Self-hosted identity and traits service")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -103,15 +99,12 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ROSTER_LOG")
-                .unwrap_or_else(|_| "info,tower_http=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("ROSTER_LOG").unwrap_or_else(|_| "info,tower_http=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await,
@@ -121,15 +114,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn open_engine(store: &StoreArgs, limits: Limits) -> anyhow::Result<Arc<Engine>> {
-    let store = SqliteStore::open(&store.data_dir).with_context(|| {
-        format!(
-            "cannot open the embedded store in {}",
-            store.data_dir.display()
-        )
-    })?;
-    let engine = Engine::new(Arc::new(store), EngineConfig { limits })
-        .await
-        .context("cannot load environments")?;
+    let store = SqliteStore::open(&store.data_dir)
+        .with_context(|| format!("cannot open the embedded store in {}", store.data_dir.display()))?;
+    let engine = Engine::new(Arc::new(store), EngineConfig { limits }).await.context("cannot load environments")?;
     Ok(Arc::new(engine))
 }
 
@@ -154,18 +141,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(credentials) = engine.bootstrap_if_empty().await? {
         print_credentials(&credentials);
     }
-    let listener = TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener =
+        TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
     println!("roster listening on http://{address}");
     std::io::stdout().flush()?;
-    let config = ServerConfig {
-        max_body_bytes: args.max_body_bytes,
-    };
-    roster_server::serve(listener, engine, config, shutdown_signal())
-        .await
-        .context("server failed")?;
+    let config = ServerConfig { max_body_bytes: args.max_body_bytes };
+    roster_server::serve(listener, engine, config, shutdown_signal()).await.context("server failed")?;
     tracing::info!("roster stopped");
     Ok(())
 }

@@ -29,12 +29,7 @@ pub async fn list_environments(
     Caller(principal): Caller,
 ) -> Result<Json<EnvironmentList>, ApiError> {
     let environments = state.engine.environments(&principal).await?;
-    Ok(Json(EnvironmentList {
-        environments: environments
-            .iter()
-            .map(|environment| (**environment).clone())
-            .collect(),
-    }))
+    Ok(Json(EnvironmentList { environments: environments.iter().map(|environment| (**environment).clone()).collect() }))
 }
 
 /// `POST /v1/admin/environments` `{"slug": "...", "name": "..."}`: answers the new keys, once.
@@ -44,10 +39,7 @@ pub async fn create_environment(
     Body(bytes): Body,
 ) -> Result<(StatusCode, Json<EnvironmentKeys>), ApiError> {
     let request: CreateEnvironment = parse_document(&bytes)?;
-    let keys = state
-        .engine
-        .create_environment(&principal, &request.slug, request.name.as_deref())
-        .await?;
+    let keys = state.engine.create_environment(&principal, &request.slug, request.name.as_deref()).await?;
     Ok((StatusCode::CREATED, Json(keys)))
 }
 

@@ -16,10 +16,7 @@ pub struct Caller(pub Principal);
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let Some(presented_key) = presented_key(&parts.headers, parts.uri.query()) else {
             return Err(ApiError::new(
                 ErrorCode::MissingApiKey,
@@ -30,28 +27,16 @@ impl FromRequestParts<AppState> for Caller {
             .engine
             .authenticate(&presented_key)
             .map(Caller)
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::InvalidApiKey,
-                    "the API key is not valid for any environment",
-                )
-            })
+            .ok_or_else(|| ApiError::new(ErrorCode::InvalidApiKey, "the API key is not valid for any environment"))
     }
 }
 
 fn presented_key(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
-    if let Some(key) = headers
-        .get("x-api-key")
-        .and_then(|value| value.to_str().ok())
-    {
+    if let Some(key) = headers.get("x-api-key").and_then(|value| value.to_str().ok()) {
         return Some(key.trim().to_owned());
     }
-    if let Some(authorization) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        && let Some(token) = authorization
-            .strip_prefix("Bearer ")
-            .or_else(|| authorization.strip_prefix("bearer "))
+    if let Some(authorization) = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok())
+        && let Some(token) = authorization.strip_prefix("Bearer ").or_else(|| authorization.strip_prefix("bearer "))
     {
         return Some(token.trim().to_owned());
     }
@@ -60,7 +45,5 @@ fn presented_key(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
 
 /// One parameter of a query string, percent-decoded.
 pub(crate) fn query_parameter(query: &str, name: &str) -> Option<String> {
-    form_urlencoded::parse(query.as_bytes())
-        .find(|(key, _)| key == name)
-        .map(|(_, value)| value.into_owned())
+    form_urlencoded::parse(query.as_bytes()).find(|(key, _)| key == name).map(|(_, value)| value.into_owned())
 }

@@ -34,13 +34,7 @@ fn body_rejection(rejection: BytesRejection, limit: usize) -> ApiError {
             format!("the request body is larger than the limit of {limit} bytes"),
         );
     }
-    ApiError::new(
-        ErrorCode::MalformedJson,
-        format!(
-            "the request body could not be read: {}",
-            rejection.body_text()
-        ),
-    )
+    ApiError::new(ErrorCode::MalformedJson, format!("the request body could not be read: {}", rejection.body_text()))
 }
 
 /// A body that is one JSON object or an array of them.
@@ -53,81 +47,53 @@ pub struct Items<'a> {
 impl Items<'_> {
     /// The path prefix of item `index` in error messages.
     pub fn item_path(&self, index: usize) -> String {
-        if self.is_batch {
-            format!("[{index}]")
-        } else {
-            String::new()
-        }
+        if self.is_batch { format!("[{index}]") } else { String::new() }
     }
 }
 
 /// Splits a body into items without parsing their contents yet.
 pub fn split_items(bytes: &[u8]) -> Result<Items<'_>, ApiError> {
-    let text = std::str::from_utf8(bytes).map_err(|_| {
-        ApiError::new(
-            ErrorCode::MalformedJson,
-            "the request body is not valid UTF-8",
-        )
-    })?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| ApiError::new(ErrorCode::MalformedJson, "the request body is not valid UTF-8"))?;
     let first = text.trim_start().as_bytes().first().copied();
     match first {
         Some(b'[') => {
             let raw: Vec<&RawValue> = serde_json::from_str(text).map_err(malformed)?;
-            Ok(Items {
-                is_batch: true,
-                raw,
-            })
+            Ok(Items { is_batch: true, raw })
         }
         Some(b'{') => {
             let raw: &RawValue = serde_json::from_str(text).map_err(malformed)?;
-            Ok(Items {
-                is_batch: false,
-                raw: vec![raw],
-            })
+            Ok(Items { is_batch: false, raw: vec![raw] })
         }
         None => Err(ApiError::new(
             ErrorCode::MalformedJson,
             "the request body is empty; send a JSON object or an array of objects",
         )),
-        Some(_) => Err(ApiError::new(
-            ErrorCode::InvalidType,
-            "the request body must be a JSON object or an array of objects",
-        )),
+        Some(_) => {
+            // Valid JSON of the wrong kind is a type error; anything else is malformed.
+            serde_json::from_str::<&RawValue>(text).map_err(malformed)?;
+            Err(ApiError::new(ErrorCode::InvalidType, "the request body must be a JSON object or an array of objects"))
+        }
     }
 }
 
 fn malformed(error: serde_json::Error) -> ApiError {
-    ApiError::new(
-        ErrorCode::MalformedJson,
-        format!("the request body is not valid JSON: {error}"),
-    )
+    ApiError::new(ErrorCode::MalformedJson, format!("the request body is not valid JSON: {error}"))
 }
 
 /// Parses one item (or any document) into `T`, reporting the failing field's path.
 pub fn parse_item<T: DeserializeOwned>(raw: &RawValue) -> Result<T, FieldError> {
     if !raw.get().trim_start().starts_with('{') {
-        return Err(FieldError::new(
-            ErrorCode::InvalidType,
-            "",
-            "each item must be a JSON object",
-        ));
+        return Err(FieldError::new(ErrorCode::InvalidType, "", "each item must be a JSON object"));
     }
     let mut deserializer = serde_json::Deserializer::from_str(raw.get());
     serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
         let path = error.path().to_string();
         let path = if path == "." { String::new() } else { path };
         let message = error.inner().to_string();
-        let code = if message.starts_with("unknown field") {
-            ErrorCode::UnknownField
-        } else {
-            ErrorCode::InvalidType
-        };
+        let code = if message.starts_with("unknown field") { ErrorCode::UnknownField } else { ErrorCode::InvalidType };
         // serde appends " at line 1 column 17"; the path already says where.
-        let message = message
-            .split(" at line ")
-            .next()
-            .unwrap_or(&message)
-            .to_owned();
+        let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
         FieldError::new(code, path, message)
     })
 }

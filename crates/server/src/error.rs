@@ -32,11 +32,8 @@ impl PublicError {
     }
 
     pub fn from_field(error: &FieldError) -> Self {
-        let message = if error.path.is_empty() {
-            error.message.clone()
-        } else {
-            format!("`{}` {}", error.path, error.message)
-        };
+        let message =
+            if error.path.is_empty() { error.message.clone() } else { format!("`{}` {}", error.path, error.message) };
         PublicError::new(error.code, message, Some(error.path.clone()))
     }
 }
@@ -72,10 +69,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError {
-            status: status_of(code),
-            body: PublicError::new(code, message, None),
-        }
+        ApiError { status: status_of(code), body: PublicError::new(code, message, None) }
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
@@ -85,10 +79,7 @@ impl ApiError {
 
 impl From<FieldError> for ApiError {
     fn from(error: FieldError) -> Self {
-        ApiError {
-            status: status_of(error.code),
-            body: PublicError::from_field(&error),
-        }
+        ApiError { status: status_of(error.code), body: PublicError::from_field(&error) }
     }
 }
 
@@ -101,10 +92,7 @@ impl From<EngineError> for ApiError {
             EngineError::Conflict(message) => ApiError::new(ErrorCode::EnvironmentExists, message),
             EngineError::Store(store_error) => {
                 tracing::error!(error = %store_error, "store operation failed");
-                ApiError::new(
-                    ErrorCode::Internal,
-                    "the server could not complete the request; it was not applied",
-                )
+                ApiError::new(ErrorCode::Internal, "the server could not complete the request; it was not applied")
             }
         }
     }

@@ -33,9 +33,7 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig {
-            max_body_bytes: 5 * 1024 * 1024,
-        }
+        ServerConfig { max_body_bytes: 5 * 1024 * 1024 }
     }
 }
 
@@ -49,29 +47,17 @@ pub struct AppState {
 /// All routes, with the layers every request goes through.
 pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
     let max_body_bytes = config.max_body_bytes;
-    let state = AppState {
-        engine,
-        config: Arc::new(config),
-    };
+    let state = AppState { engine, config: Arc::new(config) };
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/identify", post(native::identify))
         .route("/v1/profiles", get(profiles::list_profiles))
         .route("/v1/profiles/{profile_id}", get(profiles::get_profile))
-        .route(
-            "/v1/admin/environments",
-            get(admin::list_environments).post(admin::create_environment),
-        )
-        .route(
-            "/v1/admin/environments/{slug}/rotate-keys",
-            post(admin::rotate_keys),
-        )
+        .route("/v1/admin/environments", get(admin::list_environments).post(admin::create_environment))
+        .route("/v1/admin/environments/{slug}/rotate-keys", post(admin::rotate_keys))
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/api.md") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                ErrorCode::MethodNotAllowed,
-                "this endpoint does not accept that HTTP method",
-            )
+            ApiError::new(ErrorCode::MethodNotAllowed, "this endpoint does not accept that HTTP method")
         })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(CatchPanicLayer::custom(panic_response))
@@ -83,11 +69,7 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
 /// acknowledged (writes are acknowledged only after their commit).
 fn panic_response(_panic: Box<dyn Any + Send + 'static>) -> Response {
     tracing::error!("request handler panicked");
-    ApiError::new(
-        ErrorCode::Internal,
-        "internal error; the request was not acknowledged",
-    )
-    .into_response()
+    ApiError::new(ErrorCode::Internal, "internal error; the request was not acknowledged").into_response()
 }
 
 /// Serves on `listener` until `shutdown` resolves.
@@ -99,7 +81,5 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let address: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(address = ?address, "roster listening");
-    axum::serve(listener, router(engine, config))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, router(engine, config)).with_graceful_shutdown(shutdown).await
 }

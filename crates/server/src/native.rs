@@ -40,8 +40,7 @@ struct NativeIdentify {
 impl NativeIdentify {
     fn into_input(self) -> Result<IdentifyInput, FieldError> {
         let user_id = one_of(self.distinct_id, "distinct_id", self.user_id, "user_id")?;
-        let traits =
-            one_of(self.traits, "traits", self.user_traits, "user_traits")?.unwrap_or_default();
+        let traits = one_of(self.traits, "traits", self.user_traits, "user_traits")?.unwrap_or_default();
         let timestamp = match &self.timestamp {
             Some(text) => Some(Timestamp::parse_rfc3339(text, "timestamp")?),
             None => None,
@@ -115,11 +114,8 @@ pub async fn identify(
     Body(bytes): Body,
 ) -> Result<Response, ApiError> {
     let items = split_items(&bytes)?;
-    let inputs = items
-        .raw
-        .iter()
-        .map(|raw| parse_item::<NativeIdentify>(raw).and_then(NativeIdentify::into_input))
-        .collect();
+    let inputs =
+        items.raw.iter().map(|raw| parse_item::<NativeIdentify>(raw).and_then(NativeIdentify::into_input)).collect();
     let results = state.engine.identify(&principal, inputs).await?;
     Ok(batch_response(&results, |index| items.item_path(index)))
 }
@@ -130,12 +126,8 @@ pub fn batch_response(
     results: &[Result<IdentifyOutcome, FieldError>],
     item_path: impl Fn(usize) -> String,
 ) -> Response {
-    let mut response = BatchResponse {
-        accepted: 0,
-        rejected: 0,
-        results: Vec::with_capacity(results.len()),
-        error: None,
-    };
+    let mut response =
+        BatchResponse { accepted: 0, rejected: 0, results: Vec::with_capacity(results.len()), error: None };
     for (index, result) in results.iter().enumerate() {
         let item = match result {
             Ok(outcome) => {
@@ -149,18 +141,14 @@ pub fn batch_response(
                     warnings: outcome
                         .warnings
                         .iter()
-                        .map(|warning| WarningResponse {
-                            code: warning.code(),
-                            message: warning.message(),
-                        })
+                        .map(|warning| WarningResponse { code: warning.code(), message: warning.message() })
                         .collect(),
                     error: None,
                 }
             }
             Err(rejection) => {
                 response.rejected += 1;
-                let public =
-                    PublicError::from_field(&rejection.clone().prefixed(&item_path(index)));
+                let public = PublicError::from_field(&rejection.clone().prefixed(&item_path(index)));
                 response.error.get_or_insert_with(|| public.clone());
                 ItemResponse {
                     index,
@@ -175,10 +163,6 @@ pub fn batch_response(
         };
         response.results.push(item);
     }
-    let status = if response.rejected == 0 {
-        StatusCode::OK
-    } else {
-        StatusCode::BAD_REQUEST
-    };
+    let status = if response.rejected == 0 { StatusCode::OK } else { StatusCode::BAD_REQUEST };
     (status, Json(response)).into_response()
 }

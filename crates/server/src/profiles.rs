@@ -40,11 +40,7 @@ impl ProfileResponse {
             identified: profile.identified,
             anonymous_ids: profile.anonymous_ids,
             traits: profile.traits,
-            trait_timestamps: profile
-                .trait_timestamps
-                .into_iter()
-                .map(|(key, at)| (key, at.to_rfc3339()))
-                .collect(),
+            trait_timestamps: profile.trait_timestamps.into_iter().map(|(key, at)| (key, at.to_rfc3339())).collect(),
             created_at: profile.created_at.to_rfc3339(),
             updated_at: profile.updated_at.to_rfc3339(),
         }
@@ -60,10 +56,7 @@ pub struct ProfileListResponse {
 }
 
 fn environment_slug(principal: &roster_engine::Principal) -> String {
-    principal
-        .environment()
-        .map(|environment| environment.slug.clone())
-        .unwrap_or_default()
+    principal.environment().map(|environment| environment.slug.clone()).unwrap_or_default()
 }
 
 /// `GET /v1/profiles/{profile_id}`.
@@ -73,10 +66,7 @@ pub async fn get_profile(
     Path(profile_id): Path<String>,
 ) -> Result<Json<ProfileResponse>, ApiError> {
     let profile = state.engine.profile(&principal, &profile_id).await?;
-    Ok(Json(ProfileResponse::new(
-        profile,
-        &environment_slug(&principal),
-    )))
+    Ok(Json(ProfileResponse::new(profile, &environment_slug(&principal))))
 }
 
 /// The listing's query: identifier lookups, one trait filter, pagination.
@@ -90,17 +80,12 @@ struct ListQuery {
 
 impl ListQuery {
     fn parse(query: Option<&str>) -> Result<Self, ApiError> {
-        let mut parsed = ListQuery {
-            limit: DEFAULT_PAGE_SIZE,
-            ..ListQuery::default()
-        };
+        let mut parsed = ListQuery { limit: DEFAULT_PAGE_SIZE, ..ListQuery::default() };
         for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
             let (name, value) = (name.into_owned(), value.into_owned());
             match name.as_str() {
                 "apiKey" => {}
-                "user_id" | "distinct_id" => {
-                    parsed.set_identifier(IdentifierKind::UserId, value)?
-                }
+                "user_id" | "distinct_id" => parsed.set_identifier(IdentifierKind::UserId, value)?,
                 "anonymous_id" => parsed.set_identifier(IdentifierKind::AnonymousId, value)?,
                 "after" => parsed.after = Some(value),
                 "limit" => parsed.limit = parse_limit(&value)?,
@@ -120,10 +105,7 @@ impl ListQuery {
 
     fn set_identifier(&mut self, kind: IdentifierKind, value: String) -> Result<(), ApiError> {
         if self.identifier.is_some() {
-            return Err(invalid_parameter(
-                kind.as_str(),
-                "only one identifier lookup per request",
-            ));
+            return Err(invalid_parameter(kind.as_str(), "only one identifier lookup per request"));
         }
         self.identifier = Some((kind, value));
         Ok(())
@@ -131,16 +113,10 @@ impl ListQuery {
 
     fn set_trait_filter(&mut self, key: &str, value: &str) -> Result<(), ApiError> {
         if self.filter.trait_equals.is_some() {
-            return Err(invalid_parameter(
-                "trait",
-                "only one trait filter per request",
-            ));
+            return Err(invalid_parameter("trait", "only one trait filter per request"));
         }
         if key.is_empty() || key.contains('"') {
-            return Err(invalid_parameter(
-                &format!("trait.{key}"),
-                "trait key must be non-empty and contain no `\"`",
-            ));
+            return Err(invalid_parameter(&format!("trait.{key}"), "trait key must be non-empty and contain no `\"`"));
         }
         // A JSON literal (`30`, `true`, `"30"`) matches by type; anything else is a string.
         let wanted = serde_json::from_str::<Value>(value)
@@ -155,18 +131,12 @@ impl ListQuery {
 fn parse_limit(value: &str) -> Result<usize, ApiError> {
     match value.parse::<usize>() {
         Ok(limit) if (1..=MAX_PAGE_SIZE).contains(&limit) => Ok(limit),
-        _ => Err(invalid_parameter(
-            "limit",
-            &format!("must be a whole number from 1 to {MAX_PAGE_SIZE}"),
-        )),
+        _ => Err(invalid_parameter("limit", &format!("must be a whole number from 1 to {MAX_PAGE_SIZE}"))),
     }
 }
 
 fn invalid_parameter(name: &str, rule: &str) -> ApiError {
-    let mut error = ApiError::new(
-        ErrorCode::InvalidQueryParameter,
-        format!("query parameter `{name}` {rule}"),
-    );
+    let mut error = ApiError::new(ErrorCode::InvalidQueryParameter, format!("query parameter `{name}` {rule}"));
     error.body.path = Some(name.to_owned());
     error
 }
@@ -180,29 +150,13 @@ pub async fn list_profiles(
     let query = ListQuery::parse(query.as_deref())?;
     let slug = environment_slug(&principal);
     if let Some((kind, value)) = &query.identifier {
-        let found = state
-            .engine
-            .profile_by_identifier(&principal, *kind, value)
-            .await?;
-        let profiles = found
-            .into_iter()
-            .map(|profile| ProfileResponse::new(profile, &slug))
-            .collect();
-        return Ok(Json(ProfileListResponse {
-            profiles,
-            next_after: None,
-        }));
+        let found = state.engine.profile_by_identifier(&principal, *kind, value).await?;
+        let profiles = found.into_iter().map(|profile| ProfileResponse::new(profile, &slug)).collect();
+        return Ok(Json(ProfileListResponse { profiles, next_after: None }));
     }
-    let page = state
-        .engine
-        .list_profiles(&principal, query.filter, query.after, query.limit)
-        .await?;
+    let page = state.engine.list_profiles(&principal, query.filter, query.after, query.limit).await?;
     Ok(Json(ProfileListResponse {
-        profiles: page
-            .profiles
-            .into_iter()
-            .map(|profile| ProfileResponse::new(profile, &slug))
-            .collect(),
+        profiles: page.profiles.into_iter().map(|profile| ProfileResponse::new(profile, &slug)).collect(),
         next_after: page.next_after,
     }))
 }

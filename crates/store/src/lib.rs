@@ -17,8 +17,7 @@ use async_trait::async_trait;
 use roster_core::{FieldError, IdentifierKind, IdentifyCommand, Limits};
 
 pub use model::{
-    EnvironmentId, EnvironmentRecord, IdentifyOutcome, NewEnvironment, Profile, ProfileFilter,
-    ProfilePage,
+    EnvironmentId, EnvironmentRecord, IdentifyOutcome, NewEnvironment, Profile, ProfileFilter, ProfilePage,
 };
 pub use sqlite::SqliteStore;
 
@@ -62,10 +61,7 @@ pub trait Store: Send + Sync + 'static {
     async fn environments(&self) -> StoreResult<Vec<EnvironmentRecord>>;
 
     /// Fails with [`StoreError::Conflict`] when the slug or a key is taken.
-    async fn create_environment(
-        &self,
-        environment: NewEnvironment,
-    ) -> StoreResult<EnvironmentRecord>;
+    async fn create_environment(&self, environment: NewEnvironment) -> StoreResult<EnvironmentRecord>;
 
     /// Replaces an environment's keys; `None` when no environment has that slug.
     async fn replace_environment_keys(
@@ -86,11 +82,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<ItemResult>>;
 
     /// A profile by id; ids of profiles merged away forward to the survivor.
-    async fn profile(
-        &self,
-        environment_id: EnvironmentId,
-        profile_id: &str,
-    ) -> StoreResult<Option<Profile>>;
+    async fn profile(&self, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<Option<Profile>>;
 
     async fn profile_by_identifier(
         &self,

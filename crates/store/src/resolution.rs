@@ -3,8 +3,8 @@
 //! [`apply_identify`] for each command, inside one transaction per batch.
 
 use roster_core::{
-    FieldError, IdentifierKind, IdentifyCommand, Limits, LinkInput, LinkTarget, ProfileRef,
-    Timestamp, TraitSet, plan_link,
+    FieldError, IdentifierKind, IdentifyCommand, Limits, LinkInput, LinkTarget, ProfileRef, Timestamp, TraitSet,
+    plan_link,
 };
 
 use crate::StoreError;
@@ -23,11 +23,7 @@ pub struct StoredProfile {
 
 impl StoredProfile {
     fn reference(&self) -> ProfileRef {
-        ProfileRef {
-            profile_id: self.profile_id.clone(),
-            user_id: self.user_id.clone(),
-            identified: self.identified,
-        }
+        ProfileRef { profile_id: self.profile_id.clone(), user_id: self.user_id.clone(), identified: self.identified }
     }
 }
 
@@ -55,17 +51,9 @@ pub trait IdentityTx {
         profile_id: &str,
     ) -> Result<Option<StoredProfile>, StoreError>;
 
-    fn insert_profile(
-        &mut self,
-        environment_id: EnvironmentId,
-        write: &ProfileWrite<'_>,
-    ) -> Result<(), StoreError>;
+    fn insert_profile(&mut self, environment_id: EnvironmentId, write: &ProfileWrite<'_>) -> Result<(), StoreError>;
 
-    fn update_profile(
-        &mut self,
-        environment_id: EnvironmentId,
-        write: &ProfileWrite<'_>,
-    ) -> Result<(), StoreError>;
+    fn update_profile(&mut self, environment_id: EnvironmentId, write: &ProfileWrite<'_>) -> Result<(), StoreError>;
 
     /// Points `(kind, value)` at `profile_id`, whoever held it before.
     fn put_identifier(
@@ -84,21 +72,11 @@ pub trait IdentityTx {
     ) -> Result<(), StoreError>;
 
     /// Moves every identifier of `from` to `to`.
-    fn move_identifiers(
-        &mut self,
-        environment_id: EnvironmentId,
-        from: &str,
-        to: &str,
-    ) -> Result<(), StoreError>;
+    fn move_identifiers(&mut self, environment_id: EnvironmentId, from: &str, to: &str) -> Result<(), StoreError>;
 
     /// Deletes the profile row `from` and records that its id forwards to `to` (re-pointing older
     /// forwards to `from` as well, so forwarding is always one hop).
-    fn retire_profile(
-        &mut self,
-        environment_id: EnvironmentId,
-        from: &str,
-        to: &str,
-    ) -> Result<(), StoreError>;
+    fn retire_profile(&mut self, environment_id: EnvironmentId, from: &str, to: &str) -> Result<(), StoreError>;
 
     /// A new, never reused profile id.
     fn new_profile_id(&mut self) -> String;
@@ -138,21 +116,15 @@ pub fn apply_identify(
             created_at: received_at,
             updated_at: received_at,
         },
-        LinkTarget::Existing(profile_id) => {
-            take_loaded(profile_id, [user_profile, anonymous_profile]).ok_or_else(|| {
-                StoreError::Corrupt(format!("identifier points at missing profile {profile_id}"))
-            })?
-        }
+        LinkTarget::Existing(profile_id) => take_loaded(profile_id, [user_profile, anonymous_profile])
+            .ok_or_else(|| StoreError::Corrupt(format!("identifier points at missing profile {profile_id}")))?,
     };
 
     let absorbed = match &plan.absorb_profile_id {
-        Some(absorbed_id) => Some(tx.load_profile(environment_id, absorbed_id)?.ok_or_else(
-            || {
-                StoreError::Corrupt(format!(
-                    "identifier points at missing profile {absorbed_id}"
-                ))
-            },
-        )?),
+        Some(absorbed_id) => Some(
+            tx.load_profile(environment_id, absorbed_id)?
+                .ok_or_else(|| StoreError::Corrupt(format!("identifier points at missing profile {absorbed_id}")))?,
+        ),
         None => None,
     };
     if let Some(absorbed) = &absorbed {
@@ -160,21 +132,13 @@ pub fn apply_identify(
         profile.created_at = profile.created_at.min(absorbed.created_at);
     }
 
-    let mut changed_traits = profile
-        .traits
-        .apply_patch(&command.traits, command.timestamp);
-    changed_traits.extend(
-        profile
-            .traits
-            .apply_patch_if_absent(&command.traits_set_once, command.timestamp),
-    );
+    let mut changed_traits = profile.traits.apply_patch(&command.traits, command.timestamp);
+    changed_traits.extend(profile.traits.apply_patch_if_absent(&command.traits_set_once, command.timestamp));
 
     // A distinct id that was never identified (track-only activity) stays linked as a device id
     // when the profile gets its real user id.
     let demoted_user_id = match &plan.set_user_id {
-        Some(new_user_id) if profile.user_id.as_deref() != Some(new_user_id) => {
-            profile.user_id.take()
-        }
+        Some(new_user_id) if profile.user_id.as_deref() != Some(new_user_id) => profile.user_id.take(),
         _ => None,
     };
     if let Some(new_user_id) = &plan.set_user_id {
@@ -184,25 +148,16 @@ pub fn apply_identify(
     profile.updated_at = received_at;
 
     let live_values = profile.traits.live_values();
-    let traits_json = serde_json::to_string(&live_values)
-        .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+    let traits_json = serde_json::to_string(&live_values).map_err(|error| StoreError::Corrupt(error.to_string()))?;
     if let Err(violation) = limits.validate_profile(live_values.len(), traits_json.len()) {
         return Ok(Err(violation));
     }
-    let timestamps: std::collections::BTreeMap<String, i64> = profile
-        .traits
-        .timestamps()
-        .into_iter()
-        .map(|(key, at)| (key, at.as_micros()))
-        .collect();
-    let trait_timestamps_json = serde_json::to_string(&timestamps)
-        .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+    let timestamps: std::collections::BTreeMap<String, i64> =
+        profile.traits.timestamps().into_iter().map(|(key, at)| (key, at.as_micros())).collect();
+    let trait_timestamps_json =
+        serde_json::to_string(&timestamps).map_err(|error| StoreError::Corrupt(error.to_string()))?;
 
-    let write = ProfileWrite {
-        profile: &profile,
-        traits_json,
-        trait_timestamps_json,
-    };
+    let write = ProfileWrite { profile: &profile, traits_json, trait_timestamps_json };
     if created {
         tx.insert_profile(environment_id, &write)?;
     } else {
@@ -214,12 +169,7 @@ pub fn apply_identify(
     if let Some(absorbed) = &absorbed {
         if let Some(absorbed_user_id) = &absorbed.user_id {
             // The absorbed profile was never identified, so its distinct id is a device id.
-            tx.put_identifier(
-                environment_id,
-                IdentifierKind::AnonymousId,
-                absorbed_user_id,
-                target_id,
-            )?;
+            tx.put_identifier(environment_id, IdentifierKind::AnonymousId, absorbed_user_id, target_id)?;
             tx.delete_identifier(environment_id, IdentifierKind::UserId, absorbed_user_id)?;
         }
         tx.move_identifiers(environment_id, &absorbed.profile_id, target_id)?;
@@ -228,28 +178,13 @@ pub fn apply_identify(
     }
     if let Some(demoted) = &demoted_user_id {
         tx.delete_identifier(environment_id, IdentifierKind::UserId, demoted)?;
-        tx.put_identifier(
-            environment_id,
-            IdentifierKind::AnonymousId,
-            demoted,
-            target_id,
-        )?;
+        tx.put_identifier(environment_id, IdentifierKind::AnonymousId, demoted, target_id)?;
     }
     if let Some(new_user_id) = &plan.set_user_id {
-        tx.put_identifier(
-            environment_id,
-            IdentifierKind::UserId,
-            new_user_id,
-            target_id,
-        )?;
+        tx.put_identifier(environment_id, IdentifierKind::UserId, new_user_id, target_id)?;
     }
     if let Some(anonymous_id) = &plan.link_anonymous_id {
-        tx.put_identifier(
-            environment_id,
-            IdentifierKind::AnonymousId,
-            anonymous_id,
-            target_id,
-        )?;
+        tx.put_identifier(environment_id, IdentifierKind::AnonymousId, anonymous_id, target_id)?;
     }
 
     Ok(Ok(IdentifyOutcome {
@@ -268,23 +203,14 @@ fn find_anonymous(
     environment_id: EnvironmentId,
     anonymous_id: &str,
 ) -> Result<Option<StoredProfile>, StoreError> {
-    if let Some(profile) =
-        tx.find_by_identifier(environment_id, IdentifierKind::AnonymousId, anonymous_id)?
-    {
+    if let Some(profile) = tx.find_by_identifier(environment_id, IdentifierKind::AnonymousId, anonymous_id)? {
         return Ok(Some(profile));
     }
-    let by_distinct_id =
-        tx.find_by_identifier(environment_id, IdentifierKind::UserId, anonymous_id)?;
+    let by_distinct_id = tx.find_by_identifier(environment_id, IdentifierKind::UserId, anonymous_id)?;
     Ok(by_distinct_id.filter(|profile| !profile.identified))
 }
 
 /// Reuses a profile already loaded by a lookup instead of reading it again.
-fn take_loaded<const N: usize>(
-    profile_id: &str,
-    loaded: [Option<StoredProfile>; N],
-) -> Option<StoredProfile> {
-    loaded
-        .into_iter()
-        .flatten()
-        .find(|profile| profile.profile_id == profile_id)
+fn take_loaded<const N: usize>(profile_id: &str, loaded: [Option<StoredProfile>; N]) -> Option<StoredProfile> {
+    loaded.into_iter().flatten().find(|profile| profile.profile_id == profile_id)
 }

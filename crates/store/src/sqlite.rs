@@ -18,9 +18,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::model::{
-    EnvironmentId, EnvironmentRecord, NewEnvironment, Profile, ProfileFilter, ProfilePage,
-};
+use crate::model::{EnvironmentId, EnvironmentRecord, NewEnvironment, Profile, ProfileFilter, ProfilePage};
 use crate::resolution::{IdentityTx, ProfileWrite, StoredProfile, apply_identify};
 use crate::{ItemResult, Store, StoreError, StoreResult};
 
@@ -97,10 +95,7 @@ impl SqliteStore {
     /// writer thread. Must be called inside a Tokio runtime.
     pub fn open(data_directory: &Path) -> StoreResult<Self> {
         std::fs::create_dir_all(data_directory).map_err(|error| {
-            StoreError::Database(format!(
-                "cannot create data directory {}: {error}",
-                data_directory.display()
-            ))
+            StoreError::Database(format!("cannot create data directory {}: {error}", data_directory.display()))
         })?;
         let database_path = data_directory.join(DATABASE_FILE_NAME);
         let mut writer = Connection::open(&database_path)?;
@@ -111,19 +106,10 @@ impl SqliteStore {
         std::thread::Builder::new()
             .name("roster-sqlite-writer".into())
             .spawn(move || run_writer(writer, jobs))
-            .map_err(|error| {
-                StoreError::Database(format!("cannot start writer thread: {error}"))
-            })?;
+            .map_err(|error| StoreError::Database(format!("cannot start writer thread: {error}")))?;
 
-        let readers = Arc::new(ReaderPool {
-            database_path: database_path.clone(),
-            idle: Mutex::new(Vec::new()),
-        });
-        Ok(SqliteStore {
-            database_path,
-            write_queue,
-            readers,
-        })
+        let readers = Arc::new(ReaderPool { database_path: database_path.clone(), idle: Mutex::new(Vec::new()) });
+        Ok(SqliteStore { database_path, write_queue, readers })
     }
 
     pub fn database_path(&self) -> &Path {
@@ -149,10 +135,7 @@ impl SqliteStore {
             });
             (succeeded, completion)
         });
-        self.write_queue
-            .send(job)
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.write_queue.send(job).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -185,16 +168,13 @@ fn configure_writer(connection: &Connection) -> StoreResult<()> {
     )?;
     let mode: String = connection.query_row("PRAGMA journal_mode", [], |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StoreError::Database(format!(
-            "could not enable WAL (journal_mode is {mode})"
-        )));
+        return Err(StoreError::Database(format!("could not enable WAL (journal_mode is {mode})")));
     }
     Ok(())
 }
 
 fn migrate(connection: &mut Connection) -> StoreResult<()> {
-    let applied: usize =
-        connection.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))? as usize;
+    let applied: usize = connection.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))? as usize;
     if applied > MIGRATIONS.len() {
         return Err(StoreError::Database(format!(
             "the database schema (version {applied}) is newer than this roster (version {}); upgrade roster",
@@ -242,11 +222,7 @@ fn commit_group(connection: &Connection, batch: &mut Vec<WriteJob>) {
         let savepoint_opened = connection.execute_batch("SAVEPOINT job").is_ok();
         let (succeeded, completion) = job(connection);
         if savepoint_opened {
-            let close = if succeeded {
-                "RELEASE job"
-            } else {
-                "ROLLBACK TO job; RELEASE job"
-            };
+            let close = if succeeded { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
             if let Err(error) = connection.execute_batch(close) {
                 tracing::error!(%error, "sqlite savepoint release failed");
             }
@@ -276,9 +252,7 @@ impl ReaderPool {
         }
         let connection = Connection::open_with_flags(
             &self.database_path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX
-                | OpenFlags::SQLITE_OPEN_URI,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
         )?;
         // Readers never write: query_only turns any attempt into an error.
         connection.execute_batch("PRAGMA query_only = ON; PRAGMA busy_timeout = 10000;")?;
@@ -299,7 +273,8 @@ struct SqliteIdentityTx<'a> {
     connection: &'a Connection,
 }
 
-const PROFILE_COLUMNS: &str = "p.profile_id, p.user_id, p.identified, p.traits, p.trait_timestamps, p.created_at, p.updated_at";
+const PROFILE_COLUMNS: &str =
+    "p.profile_id, p.user_id, p.identified, p.traits, p.trait_timestamps, p.created_at, p.updated_at";
 
 fn stored_profile_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredProfileRow> {
     Ok(StoredProfileRow {
@@ -327,19 +302,11 @@ struct StoredProfileRow {
 impl StoredProfileRow {
     fn parse_traits(&self) -> StoreResult<(Map<String, Value>, BTreeMap<String, Timestamp>)> {
         let corrupt = |error: serde_json::Error| {
-            StoreError::Corrupt(format!(
-                "profile {} has unreadable traits: {error}",
-                self.profile_id
-            ))
+            StoreError::Corrupt(format!("profile {} has unreadable traits: {error}", self.profile_id))
         };
-        let values: Map<String, Value> =
-            serde_json::from_str(&self.traits_json).map_err(corrupt)?;
-        let timestamps: BTreeMap<String, i64> =
-            serde_json::from_str(&self.trait_timestamps_json).map_err(corrupt)?;
-        let timestamps = timestamps
-            .into_iter()
-            .map(|(key, micros)| (key, Timestamp::from_micros(micros)))
-            .collect();
+        let values: Map<String, Value> = serde_json::from_str(&self.traits_json).map_err(corrupt)?;
+        let timestamps: BTreeMap<String, i64> = serde_json::from_str(&self.trait_timestamps_json).map_err(corrupt)?;
+        let timestamps = timestamps.into_iter().map(|(key, micros)| (key, Timestamp::from_micros(micros))).collect();
         Ok((values, timestamps))
     }
 
@@ -357,16 +324,12 @@ impl StoredProfileRow {
 
     fn into_profile(self, connection: &Connection) -> StoreResult<Profile> {
         let (traits, all_timestamps) = self.parse_traits()?;
-        let trait_timestamps = all_timestamps
-            .into_iter()
-            .filter(|(key, _)| traits.contains_key(key))
-            .collect();
+        let trait_timestamps = all_timestamps.into_iter().filter(|(key, _)| traits.contains_key(key)).collect();
         let mut statement = connection.prepare_cached(
             "SELECT value FROM identifiers WHERE profile_id = ?1 AND kind = 'anonymous_id' ORDER BY value",
         )?;
-        let anonymous_ids = statement
-            .query_map([&self.profile_id], |row| row.get::<_, String>(0))?
-            .collect::<Result<Vec<_>, _>>()?;
+        let anonymous_ids =
+            statement.query_map([&self.profile_id], |row| row.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
         Ok(Profile {
             profile_id: self.profile_id,
             user_id: self.user_id,
@@ -392,21 +355,11 @@ impl IdentityTx for SqliteIdentityTx<'_> {
             .transpose()
     }
 
-    fn load_profile(
-        &mut self,
-        environment_id: EnvironmentId,
-        profile_id: &str,
-    ) -> StoreResult<Option<StoredProfile>> {
-        load_row(self.connection, environment_id, profile_id)?
-            .map(StoredProfileRow::into_stored)
-            .transpose()
+    fn load_profile(&mut self, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<Option<StoredProfile>> {
+        load_row(self.connection, environment_id, profile_id)?.map(StoredProfileRow::into_stored).transpose()
     }
 
-    fn insert_profile(
-        &mut self,
-        environment_id: EnvironmentId,
-        write: &ProfileWrite<'_>,
-    ) -> StoreResult<()> {
+    fn insert_profile(&mut self, environment_id: EnvironmentId, write: &ProfileWrite<'_>) -> StoreResult<()> {
         let profile = write.profile;
         self.connection
             .prepare_cached(
@@ -426,11 +379,7 @@ impl IdentityTx for SqliteIdentityTx<'_> {
         Ok(())
     }
 
-    fn update_profile(
-        &mut self,
-        environment_id: EnvironmentId,
-        write: &ProfileWrite<'_>,
-    ) -> StoreResult<()> {
+    fn update_profile(&mut self, environment_id: EnvironmentId, write: &ProfileWrite<'_>) -> StoreResult<()> {
         let profile = write.profile;
         self.connection
             .prepare_cached(
@@ -473,36 +422,26 @@ impl IdentityTx for SqliteIdentityTx<'_> {
         value: &str,
     ) -> StoreResult<()> {
         self.connection
-            .prepare_cached(
-                "DELETE FROM identifiers WHERE environment_id = ?1 AND kind = ?2 AND value = ?3",
-            )?
+            .prepare_cached("DELETE FROM identifiers WHERE environment_id = ?1 AND kind = ?2 AND value = ?3")?
             .execute(params![environment_id, kind.as_str(), value])?;
         Ok(())
     }
 
-    fn move_identifiers(
-        &mut self,
-        environment_id: EnvironmentId,
-        from: &str,
-        to: &str,
-    ) -> StoreResult<()> {
+    fn move_identifiers(&mut self, environment_id: EnvironmentId, from: &str, to: &str) -> StoreResult<()> {
         self.connection
             .prepare_cached("UPDATE identifiers SET profile_id = ?3 WHERE environment_id = ?1 AND profile_id = ?2")?
             .execute(params![environment_id, from, to])?;
         Ok(())
     }
 
-    fn retire_profile(
-        &mut self,
-        environment_id: EnvironmentId,
-        from: &str,
-        to: &str,
-    ) -> StoreResult<()> {
+    fn retire_profile(&mut self, environment_id: EnvironmentId, from: &str, to: &str) -> StoreResult<()> {
         self.connection
             .prepare_cached("DELETE FROM profiles WHERE environment_id = ?1 AND profile_id = ?2")?
             .execute(params![environment_id, from])?;
         self.connection
-            .prepare_cached("UPDATE profile_forwards SET profile_id = ?3 WHERE environment_id = ?1 AND profile_id = ?2")?
+            .prepare_cached(
+                "UPDATE profile_forwards SET profile_id = ?3 WHERE environment_id = ?1 AND profile_id = ?2",
+            )?
             .execute(params![environment_id, from, to])?;
         self.connection
             .prepare_cached(
@@ -530,10 +469,7 @@ fn find_row_by_identifier(
     );
     Ok(connection
         .prepare_cached(&sql)?
-        .query_row(
-            params![environment_id, kind.as_str(), value],
-            stored_profile_from_row,
-        )
+        .query_row(params![environment_id, kind.as_str(), value], stored_profile_from_row)
         .optional()?)
 }
 
@@ -542,9 +478,7 @@ fn load_row(
     environment_id: EnvironmentId,
     profile_id: &str,
 ) -> StoreResult<Option<StoredProfileRow>> {
-    let sql = format!(
-        "SELECT {PROFILE_COLUMNS} FROM profiles p WHERE p.environment_id = ?1 AND p.profile_id = ?2"
-    );
+    let sql = format!("SELECT {PROFILE_COLUMNS} FROM profiles p WHERE p.environment_id = ?1 AND p.profile_id = ?2");
     Ok(connection
         .prepare_cached(&sql)?
         .query_row(params![environment_id, profile_id], stored_profile_from_row)
@@ -562,13 +496,9 @@ fn environment_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Environment
     })
 }
 
-const ENVIRONMENT_COLUMNS: &str =
-    "environment_id, slug, name, client_key, server_key_hash, created_at";
+const ENVIRONMENT_COLUMNS: &str = "environment_id, slug, name, client_key, server_key_hash, created_at";
 
-fn insert_environment(
-    connection: &Connection,
-    environment: &NewEnvironment,
-) -> StoreResult<EnvironmentRecord> {
+fn insert_environment(connection: &Connection, environment: &NewEnvironment) -> StoreResult<EnvironmentRecord> {
     let inserted = connection.execute(
         "INSERT INTO environments (slug, name, client_key, server_key_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![
@@ -581,13 +511,8 @@ fn insert_environment(
     );
     match inserted {
         Ok(_) => {}
-        Err(rusqlite::Error::SqliteFailure(failure, _))
-            if failure.code == rusqlite::ErrorCode::ConstraintViolation =>
-        {
-            return Err(StoreError::Conflict(format!(
-                "environment `{}`",
-                environment.slug
-            )));
+        Err(rusqlite::Error::SqliteFailure(failure, _)) if failure.code == rusqlite::ErrorCode::ConstraintViolation => {
+            return Err(StoreError::Conflict(format!("environment `{}`", environment.slug)));
         }
         Err(error) => return Err(error.into()),
     }
@@ -602,10 +527,7 @@ fn insert_environment(
 }
 
 fn now() -> Timestamp {
-    let micros = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_micros())
-        .unwrap_or_default();
+    let micros = SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_micros()).unwrap_or_default();
     Timestamp::from_micros(i64::try_from(micros).unwrap_or(i64::MAX))
 }
 
@@ -618,11 +540,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Option<EnvironmentRecord>> {
         self.write(move |connection| {
             let already: Option<String> = connection
-                .query_row(
-                    "SELECT value FROM settings WHERE name = ?1",
-                    [ADMIN_TOKEN_SETTING],
-                    |row| row.get(0),
-                )
+                .query_row("SELECT value FROM settings WHERE name = ?1", [ADMIN_TOKEN_SETTING], |row| row.get(0))
                 .optional()?;
             if already.is_some() {
                 return Ok(None);
@@ -639,11 +557,7 @@ impl Store for SqliteStore {
     async fn admin_token_hash(&self) -> StoreResult<Option<String>> {
         self.read(|connection| {
             Ok(connection
-                .query_row(
-                    "SELECT value FROM settings WHERE name = ?1",
-                    [ADMIN_TOKEN_SETTING],
-                    |row| row.get(0),
-                )
+                .query_row("SELECT value FROM settings WHERE name = ?1", [ADMIN_TOKEN_SETTING], |row| row.get(0))
                 .optional()?)
         })
         .await
@@ -651,23 +565,16 @@ impl Store for SqliteStore {
 
     async fn environments(&self) -> StoreResult<Vec<EnvironmentRecord>> {
         self.read(|connection| {
-            let sql =
-                format!("SELECT {ENVIRONMENT_COLUMNS} FROM environments ORDER BY environment_id");
+            let sql = format!("SELECT {ENVIRONMENT_COLUMNS} FROM environments ORDER BY environment_id");
             let mut statement = connection.prepare_cached(&sql)?;
-            let rows = statement
-                .query_map([], environment_from_row)?
-                .collect::<Result<Vec<_>, _>>()?;
+            let rows = statement.query_map([], environment_from_row)?.collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
         .await
     }
 
-    async fn create_environment(
-        &self,
-        environment: NewEnvironment,
-    ) -> StoreResult<EnvironmentRecord> {
-        self.write(move |connection| insert_environment(connection, &environment))
-            .await
+    async fn create_environment(&self, environment: NewEnvironment) -> StoreResult<EnvironmentRecord> {
+        self.write(move |connection| insert_environment(connection, &environment)).await
     }
 
     async fn replace_environment_keys(
@@ -683,9 +590,7 @@ impl Store for SqliteStore {
                 params![slug, client_key, server_key_hash],
             )?;
             let sql = format!("SELECT {ENVIRONMENT_COLUMNS} FROM environments WHERE slug = ?1");
-            Ok(connection
-                .query_row(&sql, [&slug], environment_from_row)
-                .optional()?)
+            Ok(connection.query_row(&sql, [&slug], environment_from_row).optional()?)
         })
         .await
     }
@@ -701,23 +606,19 @@ impl Store for SqliteStore {
             let mut tx = SqliteIdentityTx { connection };
             commands
                 .iter()
-                .map(|command| {
-                    apply_identify(&mut tx, environment_id, command, &limits, received_at)
-                })
+                .map(|command| apply_identify(&mut tx, environment_id, command, &limits, received_at))
                 .collect()
         })
         .await
     }
 
-    async fn profile(
-        &self,
-        environment_id: EnvironmentId,
-        profile_id: &str,
-    ) -> StoreResult<Option<Profile>> {
+    async fn profile(&self, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<Option<Profile>> {
         let profile_id = profile_id.to_owned();
         self.read(move |connection| {
             let forwarded: Option<String> = connection
-                .prepare_cached("SELECT profile_id FROM profile_forwards WHERE environment_id = ?1 AND old_profile_id = ?2")?
+                .prepare_cached(
+                    "SELECT profile_id FROM profile_forwards WHERE environment_id = ?1 AND old_profile_id = ?2",
+                )?
                 .query_row(params![environment_id, profile_id], |row| row.get(0))
                 .optional()?;
             let current_id = forwarded.unwrap_or(profile_id);
@@ -771,7 +672,8 @@ impl Store for SqliteStore {
                          AND (p.traits -> ?4) = ?5 ORDER BY p.profile_id LIMIT ?3"
                     );
                     let path = format!("$.\"{key}\"");
-                    let wanted = serde_json::to_string(value).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+                    let wanted =
+                        serde_json::to_string(value).map_err(|error| StoreError::Corrupt(error.to_string()))?;
                     let mut statement = connection.prepare_cached(&sql)?;
                     statement
                         .query_map(params![environment_id, after, fetch, path, wanted], stored_profile_from_row)?
@@ -816,11 +718,7 @@ mod contract_tests {
         let reopened = SqliteStore::open(directory.path()).unwrap();
         let environments = reopened.environments().await.unwrap();
         let profile = reopened
-            .profile_by_identifier(
-                environments[0].id,
-                roster_core::IdentifierKind::UserId,
-                "u1",
-            )
+            .profile_by_identifier(environments[0].id, roster_core::IdentifierKind::UserId, "u1")
             .await
             .unwrap();
         assert!(profile.is_some());

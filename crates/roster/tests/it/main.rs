@@ -1,1 +1,11 @@
+//! Roster's one integration-test binary: a real server on 127.0.0.1:0, driven over real HTTP.
 
+mod common;
+
+mod admin;
+mod auth;
+mod bad_input;
+mod cli;
+mod crash;
+mod identify;
+mod profiles;
