@@ -50,16 +50,16 @@ const MIGRATIONS: &[&str] = &[r#"
         created_at INTEGER NOT NULL
     );
     CREATE TABLE profiles (
-        profile_id TEXT PRIMARY KEY,
         environment_id INTEGER NOT NULL,
+        profile_id TEXT NOT NULL,
         user_id TEXT,
         identified INTEGER NOT NULL,
         traits TEXT NOT NULL,
         trait_timestamps TEXT NOT NULL,
         created_at INTEGER NOT NULL,
-        updated_at INTEGER NOT NULL
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (environment_id, profile_id)
     ) WITHOUT ROWID;
-    CREATE INDEX profiles_by_environment ON profiles (environment_id, profile_id);
     CREATE TABLE identifiers (
         environment_id INTEGER NOT NULL,
         kind TEXT NOT NULL,
@@ -164,12 +164,23 @@ fn configure_writer(connection: &Connection) -> StoreResult<()> {
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
          PRAGMA busy_timeout = 10000;
-         PRAGMA foreign_keys = OFF;",
+         PRAGMA foreign_keys = OFF;
+         PRAGMA cache_size = -65536;
+         PRAGMA mmap_size = 268435456;",
     )?;
+    disable_replanning(connection)?;
     let mode: String = connection.query_row("PRAGMA journal_mode", [], |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::Database(format!("could not enable WAL (journal_mode is {mode})")));
     }
+    Ok(())
+}
+
+/// The bundled SQLite is built with STAT4, which re-prepares a cached statement whenever a bound
+/// value might change its plan: every lookup would be parsed and planned again. Our plans do not
+/// depend on the values, so the query-planner stability guarantee keeps the first plan.
+fn disable_replanning(connection: &Connection) -> StoreResult<()> {
+    connection.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     Ok(())
 }
 
@@ -255,7 +266,9 @@ impl ReaderPool {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
         )?;
         // Readers never write: query_only turns any attempt into an error.
-        connection.execute_batch("PRAGMA query_only = ON; PRAGMA busy_timeout = 10000;")?;
+        connection
+            .execute_batch("PRAGMA query_only = ON; PRAGMA busy_timeout = 10000; PRAGMA mmap_size = 268435456;")?;
+        disable_replanning(&connection)?;
         Ok(connection)
     }
 
@@ -273,8 +286,13 @@ struct SqliteIdentityTx<'a> {
     connection: &'a Connection,
 }
 
-const PROFILE_COLUMNS: &str =
-    "p.profile_id, p.user_id, p.identified, p.traits, p.trait_timestamps, p.created_at, p.updated_at";
+/// The columns `stored_profile_from_row` reads, as a macro so that queries are `concat!`ed
+/// constants (no formatting per call on the hot path).
+macro_rules! profile_columns {
+    () => {
+        "p.profile_id, p.user_id, p.identified, p.traits, p.trait_timestamps, p.created_at, p.updated_at"
+    };
+}
 
 fn stored_profile_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredProfileRow> {
     Ok(StoredProfileRow {
@@ -463,12 +481,14 @@ fn find_row_by_identifier(
     kind: IdentifierKind,
     value: &str,
 ) -> StoreResult<Option<StoredProfileRow>> {
-    let sql = format!(
-        "SELECT {PROFILE_COLUMNS} FROM identifiers i JOIN profiles p ON p.profile_id = i.profile_id \
+    const SQL: &str = concat!(
+        "SELECT ",
+        profile_columns!(),
+        " FROM identifiers i JOIN profiles p ON p.environment_id = i.environment_id AND p.profile_id = i.profile_id \
          WHERE i.environment_id = ?1 AND i.kind = ?2 AND i.value = ?3"
     );
     Ok(connection
-        .prepare_cached(&sql)?
+        .prepare_cached(SQL)?
         .query_row(params![environment_id, kind.as_str(), value], stored_profile_from_row)
         .optional()?)
 }
@@ -478,9 +498,10 @@ fn load_row(
     environment_id: EnvironmentId,
     profile_id: &str,
 ) -> StoreResult<Option<StoredProfileRow>> {
-    let sql = format!("SELECT {PROFILE_COLUMNS} FROM profiles p WHERE p.environment_id = ?1 AND p.profile_id = ?2");
+    const SQL: &str =
+        concat!("SELECT ", profile_columns!(), " FROM profiles p WHERE p.environment_id = ?1 AND p.profile_id = ?2");
     Ok(connection
-        .prepare_cached(&sql)?
+        .prepare_cached(SQL)?
         .query_row(params![environment_id, profile_id], stored_profile_from_row)
         .optional()?)
 }
@@ -656,8 +677,9 @@ impl Store for SqliteStore {
             let rows: Vec<StoredProfileRow> = match &filter.trait_equals {
                 None => {
                     let sql = format!(
-                        "SELECT {PROFILE_COLUMNS} FROM profiles p WHERE p.environment_id = ?1 AND p.profile_id > ?2 \
-                         ORDER BY p.profile_id LIMIT ?3"
+                        "SELECT {} FROM profiles p WHERE p.environment_id = ?1 AND p.profile_id > ?2 \
+                         ORDER BY p.profile_id LIMIT ?3",
+                        profile_columns!()
                     );
                     let mut statement = connection.prepare_cached(&sql)?;
                     statement
@@ -668,8 +690,9 @@ impl Store for SqliteStore {
                     // `->` yields the trait's JSON text, so comparing with the canonical JSON of
                     // the wanted value matches type and value exactly (30 ≠ "30").
                     let sql = format!(
-                        "SELECT {PROFILE_COLUMNS} FROM profiles p WHERE p.environment_id = ?1 AND p.profile_id > ?2 \
-                         AND (p.traits -> ?4) = ?5 ORDER BY p.profile_id LIMIT ?3"
+                        "SELECT {} FROM profiles p WHERE p.environment_id = ?1 AND p.profile_id > ?2 \
+                         AND (p.traits -> ?4) = ?5 ORDER BY p.profile_id LIMIT ?3",
+                        profile_columns!()
                     );
                     let path = format!("$.\"{key}\"");
                     let wanted =
