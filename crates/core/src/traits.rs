@@ -135,12 +135,41 @@ impl TraitSet {
         self.entries.iter().map(|(key, entry)| (key.clone(), entry.updated_at)).collect()
     }
 
+    /// The live values as a JSON object text, written straight from the entries (no copy of the
+    /// values): this runs for every stored write.
+    pub fn live_values_json(&self) -> String {
+        let live = self.entries.iter().filter_map(|(key, entry)| entry.value.as_ref().map(|value| (key, value)));
+        serde_json::to_string(&SerializeMap(std::cell::Cell::new(Some(live)))).unwrap_or_else(|_| "{}".to_owned())
+    }
+
+    /// The timestamps of every key (tombstones included) as a JSON object of microseconds.
+    pub fn timestamps_json(&self) -> String {
+        let timestamps = self.entries.iter().map(|(key, entry)| (key, entry.updated_at.as_micros()));
+        serde_json::to_string(&SerializeMap(std::cell::Cell::new(Some(timestamps)))).unwrap_or_else(|_| "{}".to_owned())
+    }
+
     pub fn live_count(&self) -> usize {
         self.entries.values().filter(|entry| entry.value.is_some()).count()
     }
 
     pub fn entries(&self) -> impl Iterator<Item = (&String, &TraitEntry)> {
         self.entries.iter()
+    }
+}
+
+/// Serializes an iterator of pairs as a JSON object without collecting it first.
+struct SerializeMap<I>(std::cell::Cell<Option<I>>);
+
+impl<'a, V, I> serde::Serialize for SerializeMap<I>
+where
+    I: Iterator<Item = (&'a String, V)>,
+    V: serde::Serialize,
+{
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0.take() {
+            Some(pairs) => serializer.collect_map(pairs),
+            None => serializer.collect_map(std::iter::empty::<(&String, V)>()),
+        }
     }
 }
 
@@ -225,6 +254,8 @@ mod tests {
         traits.apply_patch(&patch(json!({ "b": null })), at(2));
         let rebuilt = TraitSet::from_stored(traits.live_values(), traits.timestamps());
         assert_eq!(rebuilt, traits);
+        assert_eq!(traits.live_values_json(), r#"{"a":1}"#);
+        assert_eq!(traits.timestamps_json(), r#"{"a":1,"b":2}"#);
     }
 
     /// One write: a key from a small set (so writes collide), a value or a delete, and a timestamp

@@ -147,15 +147,11 @@ pub fn apply_identify(
     profile.identified |= plan.mark_identified;
     profile.updated_at = received_at;
 
-    let live_values = profile.traits.live_values();
-    let traits_json = serde_json::to_string(&live_values).map_err(|error| StoreError::Corrupt(error.to_string()))?;
-    if let Err(violation) = limits.validate_profile(live_values.len(), traits_json.len()) {
+    let traits_json = profile.traits.live_values_json();
+    if let Err(violation) = limits.validate_profile(profile.traits.live_count(), traits_json.len()) {
         return Ok(Err(violation));
     }
-    let timestamps: std::collections::BTreeMap<String, i64> =
-        profile.traits.timestamps().into_iter().map(|(key, at)| (key, at.as_micros())).collect();
-    let trait_timestamps_json =
-        serde_json::to_string(&timestamps).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+    let trait_timestamps_json = profile.traits.timestamps_json();
 
     let write = ProfileWrite { profile: &profile, traits_json, trait_timestamps_json };
     if created {

@@ -230,11 +230,15 @@ fn commit_group(connection: &Connection, batch: &mut Vec<WriteJob>) {
     }
     let mut completions = Vec::with_capacity(batch.len());
     for job in batch.drain(..) {
-        let savepoint_opened = connection.execute_batch("SAVEPOINT job").is_ok();
+        let savepoint_opened = run_cached(connection, "SAVEPOINT job").is_ok();
         let (succeeded, completion) = job(connection);
         if savepoint_opened {
-            let close = if succeeded { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
-            if let Err(error) = connection.execute_batch(close) {
+            let closed = if succeeded {
+                run_cached(connection, "RELEASE job")
+            } else {
+                run_cached(connection, "ROLLBACK TO job").and_then(|()| run_cached(connection, "RELEASE job"))
+            };
+            if let Err(error) = closed {
                 tracing::error!(%error, "sqlite savepoint release failed");
             }
         }
@@ -248,6 +252,11 @@ fn commit_group(connection: &Connection, batch: &mut Vec<WriteJob>) {
     for completion in completions {
         completion(commit.clone());
     }
+}
+
+/// Runs a parameterless statement through the statement cache (no parsing per call).
+fn run_cached(connection: &Connection, sql: &str) -> rusqlite::Result<()> {
+    connection.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
 /// Read connections, opened on demand and kept for reuse.
