@@ -183,7 +183,7 @@ async fn store_phase(options: &Options) -> anyhow::Result<f64> {
         tasks.push(tokio::spawn(async move {
             loop {
                 let Some(batch) = batches.lock().expect("lock").next() else { return Ok::<_, anyhow::Error>(()) };
-                store.identify(environment.id, batch, Limits::default()).await?;
+                store.identify(environment.id, batch, roster_store::WritePolicy::default()).await?;
             }
         }));
     }

@@ -19,6 +19,8 @@ pub enum ErrorCode {
     TraitNestingTooDeep,
     TooManyTraits,
     ProfileTooLarge,
+    EventTooLarge,
+    MissingEventName,
     EnvironmentMismatch,
     PayloadTooLarge,
     UnsupportedMediaType,
@@ -29,6 +31,9 @@ pub enum ErrorCode {
     MethodNotAllowed,
     InvalidQueryParameter,
     EnvironmentExists,
+    QueryRefused,
+    QueryFailed,
+    QueryTimeout,
     Internal,
 }
 
@@ -47,6 +52,8 @@ impl ErrorCode {
             ErrorCode::TraitNestingTooDeep => "trait_nesting_too_deep",
             ErrorCode::TooManyTraits => "too_many_traits",
             ErrorCode::ProfileTooLarge => "profile_too_large",
+            ErrorCode::EventTooLarge => "event_too_large",
+            ErrorCode::MissingEventName => "missing_event_name",
             ErrorCode::EnvironmentMismatch => "environment_mismatch",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
@@ -57,6 +64,9 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::InvalidQueryParameter => "invalid_query_parameter",
             ErrorCode::EnvironmentExists => "environment_exists",
+            ErrorCode::QueryRefused => "query_refused",
+            ErrorCode::QueryFailed => "query_failed",
+            ErrorCode::QueryTimeout => "query_timeout",
             ErrorCode::Internal => "internal",
         }
     }

@@ -43,6 +43,8 @@ pub struct IdentifyCommand {
     pub traits_set_once: Map<String, Value>,
     /// When the update happened; orders it against other updates of the same traits.
     pub timestamp: Timestamp,
+    /// The client's id of this message: a resend with the same id is applied once.
+    pub message_id: Option<String>,
 }
 
 impl IdentifyCommand {
@@ -71,7 +73,71 @@ impl IdentifyCommand {
         }
         limits.validate_trait_patch(&traits, "traits")?;
         limits.validate_trait_patch(&traits_set_once, "traits_set_once")?;
-        Ok(IdentifyCommand { user_id, anonymous_id, traits, traits_set_once, timestamp })
+        Ok(IdentifyCommand { user_id, anonymous_id, traits, traits_set_once, timestamp, message_id: None })
+    }
+
+    /// Sets the message id used to drop resent copies of this message.
+    pub fn with_message_id(mut self, message_id: Option<String>, limits: &Limits) -> Result<Self, FieldError> {
+        if let Some(message_id) = &message_id {
+            limits.validate_identifier(message_id, "message_id")?;
+        }
+        self.message_id = message_id;
+        Ok(self)
+    }
+}
+
+/// One tracked event, validated: an event name, properties within limits (kept as the JSON text that
+/// will be stored), at least one identifier, a timestamp.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrackCommand {
+    pub user_id: Option<String>,
+    pub anonymous_id: Option<String>,
+    pub event: String,
+    pub properties_json: String,
+    pub timestamp: Timestamp,
+    pub message_id: Option<String>,
+}
+
+impl TrackCommand {
+    pub fn new(
+        user_id: Option<String>,
+        anonymous_id: Option<String>,
+        event: Option<String>,
+        properties: Map<String, Value>,
+        timestamp: Timestamp,
+        message_id: Option<String>,
+        limits: &Limits,
+    ) -> Result<Self, FieldError> {
+        if user_id.is_none() && anonymous_id.is_none() {
+            return Err(FieldError::new(
+                ErrorCode::MissingIdentifier,
+                "distinct_id",
+                "a track needs `distinct_id` (or `user_id`) or `anonymous_id`",
+            ));
+        }
+        let event = event.filter(|name| !name.trim().is_empty()).ok_or_else(|| {
+            FieldError::new(ErrorCode::MissingEventName, "event", "a track needs a non-empty `event` name")
+        })?;
+        if event.len() > limits.max_key_bytes {
+            return Err(FieldError::new(
+                ErrorCode::InvalidType,
+                "event",
+                format!("event name is {} bytes; the limit is {} bytes", event.len(), limits.max_key_bytes),
+            ));
+        }
+        if let Some(user_id) = &user_id {
+            limits.validate_identifier(user_id, "distinct_id")?;
+        }
+        if let Some(anonymous_id) = &anonymous_id {
+            limits.validate_identifier(anonymous_id, "anonymous_id")?;
+        }
+        if let Some(message_id) = &message_id {
+            limits.validate_identifier(message_id, "message_id")?;
+        }
+        let properties_json = serde_json::to_string(&properties)
+            .map_err(|error| FieldError::new(ErrorCode::InvalidType, "properties", error.to_string()))?;
+        limits.validate_properties(&properties, properties_json.len(), "properties")?;
+        Ok(TrackCommand { user_id, anonymous_id, event, properties_json, timestamp, message_id })
     }
 }
 
@@ -98,6 +164,20 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn track_needs_an_event_name_and_an_identifier() {
+        let limits = Limits::default();
+        let at = Timestamp::from_micros(0);
+        let missing_name = TrackCommand::new(Some("u".into()), None, Some(" ".into()), Map::new(), at, None, &limits);
+        assert_eq!(missing_name.unwrap_err().code, ErrorCode::MissingEventName);
+        let missing_id = TrackCommand::new(None, None, Some("Signed Up".into()), Map::new(), at, None, &limits);
+        assert_eq!(missing_id.unwrap_err().code, ErrorCode::MissingIdentifier);
+        let properties = json!({ "plan": "pro" }).as_object().unwrap().clone();
+        let command =
+            TrackCommand::new(None, Some("a".into()), Some("Signed Up".into()), properties, at, None, &limits).unwrap();
+        assert_eq!(command.properties_json, r#"{"plan":"pro"}"#);
     }
 
     #[test]

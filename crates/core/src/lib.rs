@@ -10,8 +10,8 @@ pub mod timestamp;
 pub mod traits;
 
 pub use error::{ErrorCode, FieldError};
-pub use identify::{IdentifierKind, IdentifyCommand};
+pub use identify::{IdentifierKind, IdentifyCommand, TrackCommand};
 pub use limits::Limits;
 pub use linking::{LinkInput, LinkPlan, LinkTarget, LinkWarning, ProfileRef, plan_link};
 pub use timestamp::Timestamp;
-pub use traits::{TraitEntry, TraitSet};
+pub use traits::{TraitChange, TraitEntry, TraitSet};

@@ -18,8 +18,10 @@ pub struct Limits {
     pub max_traits_per_profile: usize,
     /// Largest serialized size of one profile's live traits, in bytes.
     pub max_profile_bytes: usize,
-    /// Longest identifier (user id, anonymous id), in UTF-8 bytes.
+    /// Longest identifier (user id, anonymous id, message id), in UTF-8 bytes.
     pub max_identifier_bytes: usize,
+    /// Largest serialized `properties` of one event, in bytes (Segment's 32 KB message limit).
+    pub max_event_bytes: usize,
 }
 
 impl Default for Limits {
@@ -31,6 +33,7 @@ impl Default for Limits {
             max_traits_per_profile: 500,
             max_profile_bytes: 256 * 1024,
             max_identifier_bytes: 256,
+            max_event_bytes: 32 * 1024,
         }
     }
 }
@@ -60,6 +63,26 @@ impl Limits {
             ));
         }
         Ok(())
+    }
+
+    /// Validates an event's properties: keys and nesting as for traits, and the serialized size
+    /// (`serialized_bytes`) against `max_event_bytes`. Single strings are not limited beyond that:
+    /// events carry URLs and user agents that traits do not.
+    pub fn validate_properties(
+        &self,
+        properties: &Map<String, Value>,
+        serialized_bytes: usize,
+        path: &str,
+    ) -> Result<(), FieldError> {
+        if serialized_bytes > self.max_event_bytes {
+            return Err(FieldError::new(
+                ErrorCode::EventTooLarge,
+                path,
+                format!("properties take {serialized_bytes} bytes; the limit is {} bytes", self.max_event_bytes),
+            ));
+        }
+        let unlimited_strings = Limits { max_string_bytes: usize::MAX, ..self.clone() };
+        unlimited_strings.validate_trait_patch(properties, path)
     }
 
     /// Checks the whole profile after a patch was merged in.
@@ -198,6 +221,25 @@ mod tests {
         assert!(limits.validate_identifier("u_1", "user_id").is_ok());
         assert_eq!(limits.validate_identifier("  ", "user_id").unwrap_err().code, ErrorCode::InvalidIdentifier);
         assert!(limits.validate_identifier(&"u".repeat(257), "user_id").is_err());
+    }
+
+    #[test]
+    fn event_properties_are_limited_in_total_size_not_per_string() {
+        let limits = Limits { max_event_bytes: 100, ..Limits::default() };
+        let long_url = json!({ "url": "u".repeat(3000) });
+        let properties = patch(long_url);
+        let big = serde_json::to_string(&properties).unwrap().len();
+        assert_eq!(
+            limits.validate_properties(&properties, big, "properties").unwrap_err().code,
+            ErrorCode::EventTooLarge
+        );
+        let roomy = Limits { max_event_bytes: 10_000, ..Limits::default() };
+        assert!(roomy.validate_properties(&properties, big, "properties").is_ok());
+        let deep = patch(json!({ "a": [[[[[[[[[1]]]]]]]]] }));
+        assert_eq!(
+            roomy.validate_properties(&deep, 10, "properties").unwrap_err().code,
+            ErrorCode::TraitNestingTooDeep
+        );
     }
 
     #[test]

@@ -44,6 +44,18 @@ fn canonical_json(value: &Value) -> String {
     serde_json::to_string(value).unwrap_or_default()
 }
 
+/// One change of a trait's live value: what trait history records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraitChange {
+    pub key: String,
+    /// `None`: the trait had no value (never set, or deleted).
+    pub old_value: Option<Value>,
+    /// `None`: the trait was deleted.
+    pub new_value: Option<Value>,
+    /// The timestamp of the write that made the change.
+    pub updated_at: Timestamp,
+}
+
 /// All traits of one profile, tombstones included.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TraitSet {
@@ -69,56 +81,55 @@ impl TraitSet {
         TraitSet { entries }
     }
 
-    /// Applies one write of `key`. `None` deletes. Returns whether the stored state changed:
-    /// a write older than (or tied and losing to) the stored entry is ignored.
-    pub fn apply(&mut self, key: &str, value: Option<Value>, updated_at: Timestamp) -> bool {
+    /// Applies one write of `key`. `None` deletes. A write older than (or tied and losing to) the
+    /// stored entry is ignored. Returns the change of the live value, if there was one (a newer
+    /// write of the same value moves the timestamp but is not a change).
+    pub fn apply(&mut self, key: &str, value: Option<Value>, updated_at: Timestamp) -> Option<TraitChange> {
         let incoming = TraitEntry { value, updated_at };
-        match self.entries.get_mut(key) {
-            Some(existing) if !incoming.supersedes(existing) => false,
-            Some(existing) => {
-                *existing = incoming;
-                true
-            }
+        let old_value = match self.entries.get_mut(key) {
+            Some(existing) if !incoming.supersedes(existing) => return None,
+            Some(existing) => std::mem::replace(existing, incoming.clone()).value,
             None => {
-                self.entries.insert(key.to_owned(), incoming);
-                true
+                self.entries.insert(key.to_owned(), incoming.clone());
+                None
             }
-        }
+        };
+        (old_value != incoming.value).then(|| TraitChange {
+            key: key.to_owned(),
+            old_value,
+            new_value: incoming.value,
+            updated_at,
+        })
     }
 
     /// Applies a patch: every key sent is written (`null` deletes), keys not sent are left alone.
-    /// Returns the keys whose state changed.
-    pub fn apply_patch(&mut self, patch: &Map<String, Value>, updated_at: Timestamp) -> Vec<String> {
-        let mut changed = Vec::new();
-        for (key, value) in patch {
-            let value = if value.is_null() { None } else { Some(value.clone()) };
-            if self.apply(key, value, updated_at) {
-                changed.push(key.clone());
-            }
-        }
-        changed
+    /// Returns the changes of live values.
+    pub fn apply_patch(&mut self, patch: &Map<String, Value>, updated_at: Timestamp) -> Vec<TraitChange> {
+        patch
+            .iter()
+            .filter_map(|(key, value)| {
+                let value = if value.is_null() { None } else { Some(value.clone()) };
+                self.apply(key, value, updated_at)
+            })
+            .collect()
     }
 
-    /// Writes only keys the profile has never held a live value or tombstone for (`$set_once`).
-    pub fn apply_patch_if_absent(&mut self, patch: &Map<String, Value>, updated_at: Timestamp) -> Vec<String> {
-        let mut changed = Vec::new();
+    /// Writes only keys the profile holds no live value for (PostHog's `$set_once`).
+    pub fn apply_patch_if_absent(&mut self, patch: &Map<String, Value>, updated_at: Timestamp) -> Vec<TraitChange> {
+        let mut changes = Vec::new();
         for (key, value) in patch {
             if value.is_null() || self.entries.get(key).is_some_and(|entry| entry.value.is_some()) {
                 continue;
             }
-            if self.apply(key, Some(value.clone()), updated_at) {
-                changed.push(key.clone());
-            }
+            changes.extend(self.apply(key, Some(value.clone()), updated_at));
         }
-        changed
+        changes
     }
 
     /// Merges another profile's traits into this one, entry by entry, by the same order as
-    /// `apply`. Commutative, associative and idempotent.
-    pub fn merge(&mut self, other: &TraitSet) {
-        for (key, entry) in &other.entries {
-            self.apply(key, entry.value.clone(), entry.updated_at);
-        }
+    /// `apply`. Commutative, associative and idempotent. Returns the changes to this profile.
+    pub fn merge(&mut self, other: &TraitSet) -> Vec<TraitChange> {
+        other.entries.iter().filter_map(|(key, entry)| self.apply(key, entry.value.clone(), entry.updated_at)).collect()
     }
 
     pub fn get(&self, key: &str) -> Option<&TraitEntry> {
@@ -202,8 +213,10 @@ mod tests {
     fn older_write_does_not_change_a_newer_trait() {
         let mut traits = TraitSet::new();
         traits.apply_patch(&patch(json!({ "plan": "enterprise" })), at(20));
-        let changed = traits.apply_patch(&patch(json!({ "plan": "starter", "role": "admin" })), at(10));
-        assert_eq!(changed, vec!["role".to_owned()]);
+        let changes = traits.apply_patch(&patch(json!({ "plan": "starter", "role": "admin" })), at(10));
+        assert_eq!(changes.len(), 1);
+        assert_eq!((changes[0].key.as_str(), &changes[0].old_value), ("role", &None));
+        assert_eq!(changes[0].new_value, Some(json!("admin")));
         assert_eq!(traits.live_values(), patch(json!({ "plan": "enterprise", "role": "admin" })));
     }
 
@@ -216,6 +229,27 @@ mod tests {
         assert!(traits.live_values().is_empty());
         traits.apply_patch(&patch(json!({ "plan": "team" })), at(40));
         assert_eq!(traits.live_values(), patch(json!({ "plan": "team" })));
+    }
+
+    #[test]
+    fn changes_report_old_and_new_values_but_not_rewrites_of_the_same_value() {
+        let mut traits = TraitSet::new();
+        traits.apply_patch(&patch(json!({ "plan": "free" })), at(1));
+        assert!(traits.apply_patch(&patch(json!({ "plan": "free" })), at(2)).is_empty());
+        assert_eq!(traits.get("plan").unwrap().updated_at, at(2), "the timestamp still moves");
+        let changes = traits.apply_patch(&patch(json!({ "plan": "pro" })), at(3));
+        assert_eq!(
+            changes,
+            vec![TraitChange {
+                key: "plan".into(),
+                old_value: Some(json!("free")),
+                new_value: Some(json!("pro")),
+                updated_at: at(3)
+            }]
+        );
+        let deleted = traits.apply_patch(&patch(json!({ "plan": null })), at(4));
+        assert_eq!((deleted[0].old_value.clone(), deleted[0].new_value.clone()), (Some(json!("pro")), None));
+        assert!(traits.apply_patch(&patch(json!({ "never_set": null })), at(5)).is_empty());
     }
 
     #[test]
@@ -242,8 +276,8 @@ mod tests {
     fn set_once_only_fills_keys_without_a_live_value() {
         let mut traits = TraitSet::new();
         traits.apply_patch(&patch(json!({ "first_seen": "a" })), at(5));
-        let changed = traits.apply_patch_if_absent(&patch(json!({ "first_seen": "b", "source": "ad" })), at(9));
-        assert_eq!(changed, vec!["source".to_owned()]);
+        let changes = traits.apply_patch_if_absent(&patch(json!({ "first_seen": "b", "source": "ad" })), at(9));
+        assert_eq!(changes.iter().map(|change| change.key.as_str()).collect::<Vec<_>>(), vec!["source"]);
         assert_eq!(traits.get("first_seen").unwrap().value, Some(json!("a")));
     }
 

@@ -9,12 +9,16 @@ mod keys;
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use roster_core::{ErrorCode, FieldError, IdentifierKind, IdentifyCommand, Limits, Timestamp};
-use roster_store::{Store, StoreError};
+use std::time::Duration;
+
+use roster_core::{ErrorCode, FieldError, IdentifierKind, IdentifyCommand, Limits, Timestamp, TrackCommand};
+use roster_store::{QueryBounds, Store, StoreError, WritePolicy};
 use serde_json::{Map, Value};
 
 pub use keys::{Environment, KeyIndex, Principal};
-pub use roster_store::{IdentifyOutcome, Profile, ProfileFilter, ProfilePage};
+pub use roster_store::{
+    EventPage, IdentifyOutcome, Profile, ProfileFilter, ProfilePage, QueryOutput, StoredEvent, TrackOutcome,
+};
 
 /// Errors of an engine operation, each mapping to one public error (status, code, message).
 #[derive(Debug, thiserror::Error)]
@@ -27,16 +31,65 @@ pub enum EngineError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A user's SQL was refused (not read-only, or reaching beyond the views).
+    #[error("{0}")]
+    QueryRefused(String),
+    /// A user's SQL failed to compile or run.
+    #[error("{0}")]
+    QueryFailed(String),
+    /// A user's SQL hit its time limit.
+    #[error("{0}")]
+    QueryTimeout(String),
     #[error("storage failed: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for EngineError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::QueryRefused(message) => EngineError::QueryRefused(message),
+            StoreError::QueryFailed(message) => EngineError::QueryFailed(message),
+            timeout @ StoreError::QueryTimeout(_) => EngineError::QueryTimeout(timeout.to_string()),
+            other => EngineError::Store(other),
+        }
+    }
 }
 
 pub type EngineResult<T> = Result<T, EngineError>;
 
 /// Engine settings that are not the store's.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub limits: Limits,
+    /// A resent message id within this window is applied once (Segment's retry window is a day).
+    pub dedup_window: Duration,
+    /// Trait history older than this is deleted; `None` keeps it forever.
+    pub trait_history_retention: Option<Duration>,
+    /// Longest a user's SQL may run.
+    pub query_timeout: Duration,
+    /// Most rows a user's SQL answers; the answer says when it was cut.
+    pub query_max_rows: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            limits: Limits::default(),
+            dedup_window: Duration::from_secs(24 * 3600),
+            trait_history_retention: Some(Duration::from_secs(365 * 24 * 3600)),
+            query_timeout: Duration::from_secs(10),
+            query_max_rows: 10_000,
+        }
+    }
+}
+
+impl EngineConfig {
+    fn write_policy(&self) -> WritePolicy {
+        WritePolicy {
+            limits: self.limits.clone(),
+            dedup_window_micros: i64::try_from(self.dedup_window.as_micros()).unwrap_or(i64::MAX),
+        }
+    }
 }
 
 /// One identify as a dialect hands it over: typed, not yet validated against limits.
@@ -50,6 +103,21 @@ pub struct IdentifyInput {
     pub timestamp: Option<Timestamp>,
     /// The environment slug the caller says it writes to; must be the key's own.
     pub environment: Option<String>,
+    /// The client's message id; a resend within the dedup window is applied once.
+    pub message_id: Option<String>,
+}
+
+/// One tracked event as a dialect hands it over.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrackInput {
+    pub user_id: Option<String>,
+    pub anonymous_id: Option<String>,
+    pub event: Option<String>,
+    pub properties: Map<String, Value>,
+    /// `None` means "now" (receive time).
+    pub timestamp: Option<Timestamp>,
+    pub environment: Option<String>,
+    pub message_id: Option<String>,
 }
 
 /// Keys of a new or rotated environment. The server key is only ever shown here: the store keeps
@@ -144,6 +212,16 @@ impl Engine {
         Ok(EnvironmentKeys { slug: slug.to_owned(), client_key, server_key })
     }
 
+    /// Server-key rights on an environment, for trusted local tools that already hold the data
+    /// directory (the `roster query --data-dir` CLI). `None` when no environment has that slug.
+    pub fn local_principal(&self, slug: &str) -> Option<Principal> {
+        self.current_keys()
+            .environments()
+            .into_iter()
+            .find(|environment| environment.slug == slug)
+            .map(Principal::Server)
+    }
+
     pub async fn environments(&self, principal: &Principal) -> EngineResult<Vec<Arc<Environment>>> {
         principal.require_admin()?;
         Ok(self.current_keys().environments())
@@ -173,7 +251,7 @@ impl Engine {
         let mut applied = if commands.is_empty() {
             Vec::new().into_iter()
         } else {
-            self.store.identify(environment.id, commands, self.config.limits.clone()).await?.into_iter()
+            self.store.identify(environment.id, commands, self.config.write_policy()).await?.into_iter()
         };
         Ok(results
             .into_iter()
@@ -187,15 +265,7 @@ impl Engine {
         input: IdentifyInput,
         received_at: Timestamp,
     ) -> Result<IdentifyCommand, FieldError> {
-        if let Some(named) = &input.environment
-            && named != &environment.slug
-        {
-            return Err(FieldError::new(
-                ErrorCode::EnvironmentMismatch,
-                "environment",
-                format!("the API key belongs to environment `{}`, not `{named}`", environment.slug),
-            ));
-        }
+        check_environment(environment, input.environment.as_deref())?;
         IdentifyCommand::new(
             input.user_id,
             input.anonymous_id,
@@ -203,7 +273,109 @@ impl Engine {
             input.traits_set_once,
             input.timestamp.unwrap_or(received_at),
             &self.config.limits,
-        )
+        )?
+        .with_message_id(input.message_id, &self.config.limits)
+    }
+
+    /// The track write path: each event gets its own result, in order; valid events are recorded
+    /// durably, with their profile's traits of the moment, before this returns.
+    pub async fn track(
+        &self,
+        principal: &Principal,
+        items: Vec<Result<TrackInput, FieldError>>,
+    ) -> EngineResult<Vec<Result<TrackOutcome, FieldError>>> {
+        let environment = principal.require_environment()?;
+        let received_at = now();
+        let mut results: Vec<Option<Result<TrackOutcome, FieldError>>> = Vec::with_capacity(items.len());
+        let mut commands = Vec::with_capacity(items.len());
+        for item in items {
+            let command = item.and_then(|input| {
+                check_environment(environment, input.environment.as_deref())?;
+                TrackCommand::new(
+                    input.user_id,
+                    input.anonymous_id,
+                    input.event,
+                    input.properties,
+                    input.timestamp.unwrap_or(received_at),
+                    input.message_id,
+                    &self.config.limits,
+                )
+            });
+            match command {
+                Ok(command) => {
+                    commands.push(command);
+                    results.push(None);
+                }
+                Err(rejection) => results.push(Some(Err(rejection))),
+            }
+        }
+        let mut recorded = if commands.is_empty() {
+            Vec::new().into_iter()
+        } else {
+            self.store.track(environment.id, commands, self.config.write_policy()).await?.into_iter()
+        };
+        Ok(results
+            .into_iter()
+            .map(|slot| slot.unwrap_or_else(|| recorded.next().unwrap_or_else(|| Err(lost_item()))))
+            .collect())
+    }
+
+    /// A profile's events, newest first. Server key only.
+    pub async fn profile_events(
+        &self,
+        principal: &Principal,
+        profile_id: &str,
+        before: Option<String>,
+        limit: usize,
+    ) -> EngineResult<EventPage> {
+        let environment = principal.require_server()?;
+        self.store.profile_events(environment.id, profile_id, before, limit).await?.ok_or_else(|| {
+            EngineError::NotFound(format!("no profile `{profile_id}` in environment `{}`", environment.slug))
+        })
+    }
+
+    /// Runs one read-only SQL statement over the key's environment. Server key only.
+    pub async fn query(&self, principal: &Principal, sql: &str) -> EngineResult<QueryOutput> {
+        let environment = principal.require_server()?;
+        let bounds = QueryBounds { timeout: self.config.query_timeout, max_rows: self.config.query_max_rows };
+        Ok(self.store.query(environment.id, sql, bounds).await?)
+    }
+
+    /// Deletes expired message ids and trait history, a bounded batch at a time, until none is
+    /// left. Returns how many rows went.
+    pub async fn purge_expired(&self) -> EngineResult<usize> {
+        let now = now().as_micros();
+        let micros = |duration: Duration| i64::try_from(duration.as_micros()).unwrap_or(i64::MAX);
+        let messages_before = Timestamp::from_micros(now.saturating_sub(micros(self.config.dedup_window)));
+        let history_before = self
+            .config
+            .trait_history_retention
+            .map(|retention| Timestamp::from_micros(now.saturating_sub(micros(retention))));
+        let mut total = 0;
+        loop {
+            let removed = self.store.purge_expired(messages_before, history_before).await?;
+            total += removed;
+            if removed == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Runs `purge_expired` every `every`, for as long as the engine lives.
+    pub fn spawn_maintenance(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let engine = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                ticks.tick().await;
+                let Some(engine) = engine.upgrade() else { return };
+                match engine.purge_expired().await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(removed, "purged expired message ids and trait history"),
+                    Err(error) => tracing::warn!(%error, "purge of expired rows failed"),
+                }
+            }
+        })
     }
 
     /// A profile by id (merged-away ids forward to the survivor). Server key only.
@@ -247,6 +419,18 @@ impl Engine {
 
     fn current_keys(&self) -> Arc<KeyIndex> {
         Arc::clone(&self.key_index.read().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+}
+
+/// Refuses an item that names another environment than its key's.
+fn check_environment(environment: &Environment, named: Option<&str>) -> Result<(), FieldError> {
+    match named {
+        Some(named) if named != environment.slug => Err(FieldError::new(
+            ErrorCode::EnvironmentMismatch,
+            "environment",
+            format!("the API key belongs to environment `{}`, not `{named}`", environment.slug),
+        )),
+        _ => Ok(()),
     }
 }
 

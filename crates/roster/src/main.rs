@@ -7,7 +7,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use roster_core::Limits;
-use roster_engine::{BootstrapCredentials, Engine, EngineConfig};
+use std::time::Duration;
+
+use roster_engine::{BootstrapCredentials, Engine, EngineConfig, QueryOutput};
 use roster_server::ServerConfig;
 use roster_store::SqliteStore;
 use tokio::net::TcpListener;
@@ -27,6 +29,36 @@ enum Command {
     /// Create the data directory, the `development` environment and the admin token, print them,
     /// and exit (no server).
     Init(InitArgs),
+    /// Run one read-only SQL statement over the views `identities`, `events`, `trait_changes`:
+    /// against a running server (`--url` and `--key`), or directly on a data directory.
+    Query(QueryArgs),
+}
+
+#[derive(Debug, Args)]
+struct QueryArgs {
+    /// The statement, e.g. "SELECT distinct_id, traits->>'plan' FROM identities".
+    sql: String,
+    /// A running Roster's base URL; without it the data directory is read directly.
+    #[arg(long, env = "ROSTER_URL")]
+    url: Option<String>,
+    /// The environment's server key (with `--url`).
+    #[arg(long, env = "ROSTER_SERVER_KEY")]
+    key: Option<String>,
+    /// The environment to query (without `--url`).
+    #[arg(long, default_value = "development")]
+    environment: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Output: a readable table, JSON, or CSV.
+    #[arg(long, value_enum, default_value = "table")]
+    format: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum OutputFormat {
+    Table,
+    Json,
+    Csv,
 }
 
 #[derive(Debug, Args)]
@@ -48,6 +80,31 @@ struct ServeArgs {
     max_body_bytes: usize,
     #[command(flatten)]
     limits: LimitArgs,
+    /// A resent message id within this many hours is applied once.
+    #[arg(long, env = "ROSTER_DEDUP_WINDOW_HOURS", default_value_t = 24)]
+    dedup_window_hours: u64,
+    /// Days of trait history kept; 0 keeps it forever.
+    #[arg(long, env = "ROSTER_TRAIT_HISTORY_DAYS", default_value_t = 365)]
+    trait_history_days: u64,
+    /// Longest a SQL query may run, in milliseconds.
+    #[arg(long, env = "ROSTER_QUERY_TIMEOUT_MS", default_value_t = 10_000)]
+    query_timeout_ms: u64,
+    /// Most rows a SQL query answers.
+    #[arg(long, env = "ROSTER_QUERY_MAX_ROWS", default_value_t = 10_000)]
+    query_max_rows: usize,
+}
+
+impl ServeArgs {
+    fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            limits: self.limits.limits(),
+            dedup_window: Duration::from_secs(self.dedup_window_hours * 3600),
+            trait_history_retention: (self.trait_history_days > 0)
+                .then(|| Duration::from_secs(self.trait_history_days * 24 * 3600)),
+            query_timeout: Duration::from_millis(self.query_timeout_ms),
+            query_max_rows: self.query_max_rows,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +137,9 @@ struct LimitArgs {
     /// Longest identifier (user id, anonymous id), in bytes.
     #[arg(long, env = "ROSTER_MAX_IDENTIFIER_BYTES", default_value_t = Limits::default().max_identifier_bytes)]
     max_identifier_bytes: usize,
+    /// Largest serialized properties of one event, in bytes.
+    #[arg(long, env = "ROSTER_MAX_EVENT_BYTES", default_value_t = Limits::default().max_event_bytes)]
+    max_event_bytes: usize,
 }
 
 impl LimitArgs {
@@ -91,6 +151,7 @@ impl LimitArgs {
             max_traits_per_profile: self.max_traits_per_profile,
             max_profile_bytes: self.max_profile_bytes,
             max_identifier_bytes: self.max_identifier_bytes,
+            max_event_bytes: self.max_event_bytes,
         }
     }
 }
@@ -109,19 +170,20 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Init(args) => init(args).await,
+            Command::Query(args) => query(args).await,
         }
     })
 }
 
-async fn open_engine(store: &StoreArgs, limits: Limits) -> anyhow::Result<Arc<Engine>> {
+async fn open_engine(store: &StoreArgs, config: EngineConfig) -> anyhow::Result<Arc<Engine>> {
     let store = SqliteStore::open(&store.data_dir)
         .with_context(|| format!("cannot open the embedded store in {}", store.data_dir.display()))?;
-    let engine = Engine::new(Arc::new(store), EngineConfig { limits }).await.context("cannot load environments")?;
+    let engine = Engine::new(Arc::new(store), config).await.context("cannot load environments")?;
     Ok(Arc::new(engine))
 }
 
 async fn init(args: InitArgs) -> anyhow::Result<()> {
-    let engine = open_engine(&args.store, Limits::default()).await?;
+    let engine = open_engine(&args.store, EngineConfig::default()).await?;
     let Some(credentials) = engine.bootstrap_if_empty().await? else {
         anyhow::bail!(
             "{} is already initialised; its keys were printed when it was created (rotate them with the admin API)",
@@ -137,10 +199,11 @@ async fn init(args: InitArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let engine = open_engine(&args.store, args.limits.limits()).await?;
+    let engine = open_engine(&args.store, args.engine_config()).await?;
     if let Some(credentials) = engine.bootstrap_if_empty().await? {
         print_credentials(&credentials);
     }
+    let _maintenance = engine.spawn_maintenance(MAINTENANCE_INTERVAL);
     let listener =
         TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
@@ -150,6 +213,100 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     roster_server::serve(listener, engine, config, shutdown_signal()).await.context("server failed")?;
     tracing::info!("roster stopped");
     Ok(())
+}
+
+/// How often expired message ids and trait history are purged.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(600);
+
+async fn query(args: QueryArgs) -> anyhow::Result<()> {
+    let output = match &args.url {
+        Some(url) => {
+            let key = args.key.as_deref().context("--url needs --key (the environment's server key)")?;
+            let response = reqwest::Client::new()
+                .post(format!("{}/v1/query", url.trim_end_matches('/')))
+                .header("X-API-Key", key)
+                .json(&serde_json::json!({ "sql": args.sql }))
+                .send()
+                .await
+                .with_context(|| format!("cannot reach {url}"))?;
+            let status = response.status();
+            let body: serde_json::Value = response.json().await.context("the server's answer is not JSON")?;
+            if !status.is_success() {
+                anyhow::bail!(
+                    "{} ({})",
+                    body["message"].as_str().unwrap_or("query failed"),
+                    body["code"].as_str().unwrap_or("")
+                );
+            }
+            serde_json::from_value::<RemoteOutput>(body).context("unexpected answer shape")?.into()
+        }
+        None => {
+            let engine = open_engine(&args.store, EngineConfig::default()).await?;
+            let principal = engine.local_principal(&args.environment).with_context(|| {
+                format!("no environment `{}` in {}", args.environment, args.store.data_dir.display())
+            })?;
+            engine.query(&principal, &args.sql).await.map_err(|error| anyhow::anyhow!("{error}"))?
+        }
+    };
+    match args.format {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::json!({ "columns": output.columns, "rows": output.rows, "truncated": output.truncated })
+        ),
+        OutputFormat::Csv => print!("{}", roster_server::csv(&output)),
+        OutputFormat::Table => print!("{}", table(&output)),
+    }
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+struct RemoteOutput {
+    columns: Vec<String>,
+    rows: Vec<Vec<serde_json::Value>>,
+    truncated: bool,
+}
+
+impl From<RemoteOutput> for QueryOutput {
+    fn from(remote: RemoteOutput) -> Self {
+        QueryOutput { columns: remote.columns, rows: remote.rows, truncated: remote.truncated }
+    }
+}
+
+/// A plain-text table with aligned columns and a row count.
+fn table(output: &QueryOutput) -> String {
+    let cell = |value: &serde_json::Value| match value {
+        serde_json::Value::Null => "NULL".to_owned(),
+        serde_json::Value::String(text) => text.clone(),
+        other => other.to_string(),
+    };
+    let cells: Vec<Vec<String>> = output.rows.iter().map(|row| row.iter().map(cell).collect()).collect();
+    let widths: Vec<usize> = (0..output.columns.len())
+        .map(|index| {
+            cells
+                .iter()
+                .map(|row| row[index].chars().count())
+                .chain([output.columns[index].chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |values: &[String]| -> String {
+        let padded: Vec<String> =
+            values.iter().zip(&widths).map(|(value, width)| format!("{value:<width$}", width = *width)).collect();
+        format!("{}\n", padded.join(" | ").trim_end())
+    };
+    let mut text = line(&output.columns);
+    text.push_str(&format!("{}\n", widths.iter().map(|width| "-".repeat(*width)).collect::<Vec<_>>().join("-+-")));
+    for row in &cells {
+        text.push_str(&line(row));
+    }
+    let count = output.rows.len();
+    text.push_str(&format!(
+        "({count} row{}{})\n",
+        if count == 1 { "" } else { "s" },
+        if output.truncated { ", truncated" } else { "" }
+    ));
+    text
 }
 
 fn print_credentials(credentials: &BootstrapCredentials) {

@@ -90,6 +90,9 @@ impl From<EngineError> for ApiError {
             EngineError::Forbidden(message) => ApiError::new(ErrorCode::Forbidden, message),
             EngineError::NotFound(message) => ApiError::new(ErrorCode::NotFound, message),
             EngineError::Conflict(message) => ApiError::new(ErrorCode::EnvironmentExists, message),
+            EngineError::QueryRefused(message) => ApiError::new(ErrorCode::QueryRefused, message),
+            EngineError::QueryFailed(message) => ApiError::new(ErrorCode::QueryFailed, message),
+            EngineError::QueryTimeout(message) => ApiError::new(ErrorCode::QueryTimeout, message),
             EngineError::Store(store_error) => {
                 tracing::error!(error = %store_error, "store operation failed");
                 ApiError::new(ErrorCode::Internal, "the server could not complete the request; it was not applied")

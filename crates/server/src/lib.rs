@@ -7,6 +7,9 @@ mod body;
 pub mod error;
 mod native;
 mod profiles;
+mod query;
+
+pub use query::to_csv as csv;
 
 use std::any::Any;
 use std::net::SocketAddr;
@@ -51,8 +54,11 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/identify", post(native::identify))
+        .route("/track", post(native::track))
+        .route("/v1/query", post(query::query))
         .route("/v1/profiles", get(profiles::list_profiles))
         .route("/v1/profiles/{profile_id}", get(profiles::get_profile))
+        .route("/v1/profiles/{profile_id}/events", get(profiles::list_events))
         .route("/v1/admin/environments", get(admin::list_environments).post(admin::create_environment))
         .route("/v1/admin/environments/{slug}/rotate-keys", post(admin::rotate_keys))
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/api.md") })

@@ -1,13 +1,13 @@
-//! The native dialect (the seeds' shape, also what Altertable's SDKs send): `POST /identify` with
-//! one object or an array. A thin adapter: parse, hand to the engine, render the results.
+//! The native dialect (the seeds' shape, also what Altertable's SDKs send): `POST /identify` and
+//! `POST /track` with one object or an array. A thin adapter: parse, hand to the engine, render
+//! the results.
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use roster_core::{ErrorCode, FieldError, Timestamp};
-use roster_engine::IdentifyInput;
-use roster_engine::IdentifyOutcome;
+use roster_engine::{IdentifyInput, IdentifyOutcome, TrackInput, TrackOutcome};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -31,8 +31,7 @@ struct NativeIdentify {
     /// Accepted for compatibility; device context is used by the identity-graph work.
     #[allow(dead_code)]
     context: Option<Map<String, Value>>,
-    /// Accepted for compatibility; retried-message deduplication keys on it.
-    #[allow(dead_code)]
+    /// A resend with the same id inside the dedup window is applied once.
     message_id: Option<String>,
     environment: Option<String>,
 }
@@ -52,6 +51,42 @@ impl NativeIdentify {
             traits_set_once: self.traits_set_once.unwrap_or_default(),
             timestamp,
             environment: self.environment,
+            message_id: self.message_id,
+        })
+    }
+}
+
+/// One event in the native shape.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NativeTrack {
+    event: Option<String>,
+    distinct_id: Option<String>,
+    user_id: Option<String>,
+    anonymous_id: Option<String>,
+    properties: Option<Map<String, Value>>,
+    timestamp: Option<String>,
+    /// Accepted for compatibility; not stored with the event.
+    #[allow(dead_code)]
+    context: Option<Map<String, Value>>,
+    message_id: Option<String>,
+    environment: Option<String>,
+}
+
+impl NativeTrack {
+    fn into_input(self) -> Result<TrackInput, FieldError> {
+        let timestamp = match &self.timestamp {
+            Some(text) => Some(Timestamp::parse_rfc3339(text, "timestamp")?),
+            None => None,
+        };
+        Ok(TrackInput {
+            user_id: one_of(self.distinct_id, "distinct_id", self.user_id, "user_id")?,
+            anonymous_id: self.anonymous_id,
+            event: self.event,
+            properties: self.properties.unwrap_or_default(),
+            timestamp,
+            environment: self.environment,
+            message_id: self.message_id,
         })
     }
 }
@@ -91,7 +126,12 @@ pub struct ItemResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub created: Option<bool>,
+    /// A resend of an already applied message id: nothing was written again.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub merged_profile_ids: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -117,14 +157,67 @@ pub async fn identify(
     let inputs =
         items.raw.iter().map(|raw| parse_item::<NativeIdentify>(raw).and_then(NativeIdentify::into_input)).collect();
     let results = state.engine.identify(&principal, inputs).await?;
-    Ok(batch_response(&results, |index| items.item_path(index)))
+    Ok(batch_response(&results, |index| items.item_path(index), identify_item))
+}
+
+/// `POST /track`, one event or an array; same auth, limits and durability as identify.
+pub async fn track(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Body(bytes): Body,
+) -> Result<Response, ApiError> {
+    let items = split_items(&bytes)?;
+    let inputs = items.raw.iter().map(|raw| parse_item::<NativeTrack>(raw).and_then(NativeTrack::into_input)).collect();
+    let results = state.engine.track(&principal, inputs).await?;
+    Ok(batch_response(&results, |index| items.item_path(index), track_item))
+}
+
+fn identify_item(index: usize, outcome: &IdentifyOutcome) -> ItemResponse {
+    ItemResponse {
+        profile_id: Some(outcome.profile_id.clone()),
+        created: Some(outcome.created),
+        duplicate: outcome.duplicate,
+        merged_profile_ids: outcome.merged_profile_ids.clone(),
+        warnings: outcome
+            .warnings
+            .iter()
+            .map(|warning| WarningResponse { code: warning.code(), message: warning.message() })
+            .collect(),
+        ..ItemResponse::accepted(index)
+    }
+}
+
+fn track_item(index: usize, outcome: &TrackOutcome) -> ItemResponse {
+    ItemResponse {
+        profile_id: Some(outcome.profile_id.clone()),
+        event_id: Some(outcome.event_id.clone()),
+        duplicate: outcome.duplicate,
+        ..ItemResponse::accepted(index)
+    }
+}
+
+impl ItemResponse {
+    fn accepted(index: usize) -> Self {
+        ItemResponse {
+            index,
+            status: "accepted",
+            profile_id: None,
+            event_id: None,
+            created: None,
+            duplicate: false,
+            merged_profile_ids: Vec::new(),
+            warnings: Vec::new(),
+            error: None,
+        }
+    }
 }
 
 /// Renders per-item results: 200 when all were applied, 400 when any was rejected (the applied
 /// ones stay applied and are listed as such).
-pub fn batch_response(
-    results: &[Result<IdentifyOutcome, FieldError>],
+pub fn batch_response<T>(
+    results: &[Result<T, FieldError>],
     item_path: impl Fn(usize) -> String,
+    render: impl Fn(usize, &T) -> ItemResponse,
 ) -> Response {
     let mut response =
         BatchResponse { accepted: 0, rejected: 0, results: Vec::with_capacity(results.len()), error: None };
@@ -132,33 +225,13 @@ pub fn batch_response(
         let item = match result {
             Ok(outcome) => {
                 response.accepted += 1;
-                ItemResponse {
-                    index,
-                    status: "accepted",
-                    profile_id: Some(outcome.profile_id.clone()),
-                    created: Some(outcome.created),
-                    merged_profile_ids: outcome.merged_profile_ids.clone(),
-                    warnings: outcome
-                        .warnings
-                        .iter()
-                        .map(|warning| WarningResponse { code: warning.code(), message: warning.message() })
-                        .collect(),
-                    error: None,
-                }
+                render(index, outcome)
             }
             Err(rejection) => {
                 response.rejected += 1;
                 let public = PublicError::from_field(&rejection.clone().prefixed(&item_path(index)));
                 response.error.get_or_insert_with(|| public.clone());
-                ItemResponse {
-                    index,
-                    status: "rejected",
-                    profile_id: None,
-                    created: None,
-                    merged_profile_ids: Vec::new(),
-                    warnings: Vec::new(),
-                    error: Some(public),
-                }
+                ItemResponse { status: "rejected", error: Some(public), ..ItemResponse::accepted(index) }
             }
         };
         response.results.push(item);

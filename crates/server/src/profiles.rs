@@ -160,3 +160,68 @@ pub async fn list_profiles(
         next_after: page.next_after,
     }))
 }
+
+#[derive(Debug, Serialize)]
+pub struct EventResponse {
+    pub event_id: String,
+    pub profile_id: String,
+    pub distinct_id: Option<String>,
+    pub anonymous_id: Option<String>,
+    pub event: String,
+    pub properties: Map<String, Value>,
+    pub timestamp: String,
+    pub received_at: String,
+    /// The profile's traits when the event was recorded.
+    pub identity_traits: Map<String, Value>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EventListResponse {
+    pub events: Vec<EventResponse>,
+    /// Pass as `?before=` for the next (older) page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_before: Option<String>,
+}
+
+/// `GET /v1/profiles/{profile_id}/events?limit=&before=`: the profile's events, newest first,
+/// pre-login events included once the anonymous activity is linked.
+pub async fn list_events(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(profile_id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<EventListResponse>, ApiError> {
+    let mut limit = DEFAULT_PAGE_SIZE;
+    let mut before = None;
+    for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match name.as_ref() {
+            "apiKey" => {}
+            "limit" => limit = parse_limit(&value)?,
+            "before" if is_event_cursor(&value) => before = Some(value.into_owned()),
+            "before" => return Err(invalid_parameter("before", "must be a `next_before` value from an earlier page")),
+            other => return Err(invalid_parameter(other, "is not a parameter of this listing; use limit or before")),
+        }
+    }
+    let page = state.engine.profile_events(&principal, &profile_id, before, limit).await?;
+    let events = page
+        .events
+        .into_iter()
+        .map(|event| EventResponse {
+            event_id: event.event_id,
+            profile_id: event.profile_id,
+            distinct_id: event.distinct_id,
+            anonymous_id: event.anonymous_id,
+            event: event.event,
+            properties: event.properties,
+            timestamp: event.timestamp.to_rfc3339(),
+            received_at: event.received_at.to_rfc3339(),
+            identity_traits: event.identity_traits,
+        })
+        .collect();
+    Ok(Json(EventListResponse { events, next_before: page.next_before }))
+}
+
+/// Cursors are `<microseconds>:<event id>`.
+fn is_event_cursor(value: &str) -> bool {
+    value.split_once(':').is_some_and(|(micros, event_id)| micros.parse::<i64>().is_ok() && !event_id.is_empty())
+}

@@ -2,10 +2,10 @@
 //! `&dyn Store`; `store_contract_suite!` instantiates all of them as tests for one backend, so a new
 //! backend proves itself by adding one macro call with its own constructor.
 
-use roster_core::{ErrorCode, IdentifierKind, IdentifyCommand, Limits, Timestamp};
+use roster_core::{ErrorCode, IdentifierKind, IdentifyCommand, Limits, Timestamp, TrackCommand};
 use serde_json::{Map, Value, json};
 
-use crate::{EnvironmentId, NewEnvironment, ProfileFilter, Store, StoreError};
+use crate::{EnvironmentId, NewEnvironment, ProfileFilter, QueryBounds, QueryOutput, Store, StoreError, WritePolicy};
 
 fn at(micros: i64) -> Timestamp {
     Timestamp::from_micros(micros)
@@ -43,7 +43,7 @@ async fn new_environment(store: &dyn Store, slug: &str) -> EnvironmentId {
 
 /// Applies one identify and returns its profile id, failing the test on any rejection.
 async fn identify(store: &dyn Store, environment_id: EnvironmentId, command: IdentifyCommand) -> String {
-    let mut results = store.identify(environment_id, vec![command], Limits::default()).await.expect("identify");
+    let mut results = store.identify(environment_id, vec![command], WritePolicy::default()).await.expect("identify");
     results.remove(0).expect("item accepted").profile_id
 }
 
@@ -115,7 +115,7 @@ pub async fn traits_patch_delete_and_order_by_timestamp(store: &dyn Store) {
         .identify(
             environment_id,
             vec![command(Some("u1"), None, json!({ "plan": "free", "seats": 9, "age": 41 }), 5)],
-            Limits::default(),
+            WritePolicy::default(),
         )
         .await
         .unwrap();
@@ -168,7 +168,7 @@ pub async fn anonymous_profile_merges_into_a_known_user(store: &dyn Store) {
     assert_ne!(user_profile, anonymous_profile);
 
     let results = store
-        .identify(environment_id, vec![command(Some("u1"), Some("phone"), json!({}), 30)], Limits::default())
+        .identify(environment_id, vec![command(Some("u1"), Some("phone"), json!({}), 30)], WritePolicy::default())
         .await
         .unwrap();
     let outcome = results[0].as_ref().unwrap();
@@ -193,7 +193,7 @@ pub async fn two_identified_users_are_never_merged(store: &dyn Store) {
         .identify(
             environment_id,
             vec![command(Some("bob"), Some("shared-tablet"), json!({ "name": "Bob" }), 2)],
-            Limits::default(),
+            WritePolicy::default(),
         )
         .await
         .unwrap();
@@ -234,7 +234,7 @@ pub async fn profile_limits_reject_only_the_offending_item(store: &dyn Store) {
                 command(Some("u1"), None, json!({ "c": 3 }), 2),
                 command(Some("u2"), None, json!({ "a": 1 }), 3),
             ],
-            limits,
+            WritePolicy { limits, ..WritePolicy::default() },
         )
         .await
         .unwrap();
@@ -291,16 +291,271 @@ pub async fn replaying_a_batch_in_any_order_gives_the_same_profile(store: &dyn S
         command(Some("u1"), None, json!({ "plan": "team", "seats": null }), 30),
         command(Some("u1"), None, json!({ "plan": "free", "role": "owner" }), 20),
     ];
-    store.identify(production, batch.clone(), Limits::default()).await.unwrap();
-    store.identify(production, batch.clone(), Limits::default()).await.unwrap();
+    store.identify(production, batch.clone(), WritePolicy::default()).await.unwrap();
+    store.identify(production, batch.clone(), WritePolicy::default()).await.unwrap();
     let mut reversed = batch;
     reversed.reverse();
-    store.identify(replica, reversed, Limits::default()).await.unwrap();
+    store.identify(replica, reversed, WritePolicy::default()).await.unwrap();
     let forward = profile_of(store, production, IdentifierKind::UserId, "u1").await;
     let backward = profile_of(store, replica, IdentifierKind::UserId, "u1").await;
     assert_eq!(forward.traits, traits(json!({ "plan": "team", "role": "owner" })));
     assert_eq!(forward.traits, backward.traits);
     assert_eq!(forward.trait_timestamps, backward.trait_timestamps);
+}
+
+fn track(user_id: Option<&str>, anonymous_id: Option<&str>, event: &str, micros: i64) -> TrackCommand {
+    TrackCommand::new(
+        user_id.map(Into::into),
+        anonymous_id.map(Into::into),
+        Some(event.into()),
+        traits(json!({ "source": "test" })),
+        at(micros),
+        None,
+        &Limits::default(),
+    )
+    .expect("valid test event")
+}
+
+async fn record(store: &dyn Store, environment_id: EnvironmentId, command: TrackCommand) -> crate::TrackOutcome {
+    let mut results = store.track(environment_id, vec![command], WritePolicy::default()).await.expect("track");
+    results.remove(0).expect("event accepted")
+}
+
+fn bounds() -> QueryBounds {
+    QueryBounds { timeout: std::time::Duration::from_secs(5), max_rows: 1000 }
+}
+
+async fn sql(store: &dyn Store, environment_id: EnvironmentId, statement: &str) -> QueryOutput {
+    store.query(environment_id, statement, bounds()).await.unwrap_or_else(|error| panic!("{statement}: {error}"))
+}
+
+pub async fn events_carry_the_traits_of_their_moment(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    let profile_id = identify(store, environment_id, command(Some("u1"), None, json!({ "plan": "free" }), 1)).await;
+    let first = record(store, environment_id, track(Some("u1"), None, "Viewed Pricing", 2)).await;
+    identify(store, environment_id, command(Some("u1"), None, json!({ "plan": "pro" }), 3)).await;
+    let second = record(store, environment_id, track(Some("u1"), None, "Upgraded", 4)).await;
+    assert_eq!((first.profile_id.as_str(), second.profile_id.as_str()), (profile_id.as_str(), profile_id.as_str()));
+
+    let page = store.profile_events(environment_id, &profile_id, None, 10).await.unwrap().expect("profile exists");
+    let names: Vec<&str> = page.events.iter().map(|event| event.event.as_str()).collect();
+    assert_eq!(names, vec!["Upgraded", "Viewed Pricing"], "newest first");
+    assert_eq!(page.events[0].identity_traits, traits(json!({ "plan": "pro" })));
+    assert_eq!(page.events[1].identity_traits, traits(json!({ "plan": "free" })));
+    assert_eq!(page.events[0].properties, traits(json!({ "source": "test" })));
+    assert_eq!(page.events[0].timestamp, at(4));
+    assert!(store.profile_events(environment_id, "missing", None, 10).await.unwrap().is_none());
+}
+
+pub async fn event_pages_walk_back_in_time_without_overlap(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    for micros in 0..7 {
+        record(store, environment_id, track(Some("u1"), None, &format!("e{micros}"), micros)).await;
+    }
+    let profile_id = profile_of(store, environment_id, IdentifierKind::UserId, "u1").await.profile_id;
+    let mut seen = Vec::new();
+    let mut before = None;
+    loop {
+        let page = store.profile_events(environment_id, &profile_id, before, 3).await.unwrap().unwrap();
+        seen.extend(page.events.iter().map(|event| event.event.clone()));
+        match page.next_before {
+            Some(next) => before = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen, vec!["e6", "e5", "e4", "e3", "e2", "e1", "e0"]);
+}
+
+pub async fn track_only_distinct_id_is_not_identified_and_merges_at_login(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    // Before login the SDK sends the device id as distinct_id.
+    let device = record(store, environment_id, track(Some("device-1"), None, "Opened App", 1)).await;
+    let before = profile_of(store, environment_id, IdentifierKind::UserId, "device-1").await;
+    assert!(!before.identified, "a distinct id seen only in track is not identified");
+    let user_profile = identify(store, environment_id, command(Some("u1"), None, json!({ "plan": "pro" }), 2)).await;
+    // At login: identify(distinct_id=user, anonymous_id=<the earlier distinct_id>).
+    let results = store
+        .identify(environment_id, vec![command(Some("u1"), Some("device-1"), json!({}), 3)], WritePolicy::default())
+        .await
+        .unwrap();
+    assert_eq!(results[0].as_ref().unwrap().merged_profile_ids, vec![device.profile_id.clone()]);
+    let page = store.profile_events(environment_id, &user_profile, None, 10).await.unwrap().unwrap();
+    assert_eq!(page.events.len(), 1);
+    assert_eq!(page.events[0].distinct_id.as_deref(), Some("u1"));
+    let output = sql(store, environment_id, "SELECT distinct_id, event FROM events").await;
+    assert_eq!(output.rows, vec![vec![json!("u1"), json!("Opened App")]]);
+    assert!(store.profile_by_identifier(environment_id, IdentifierKind::UserId, "device-1").await.unwrap().is_none());
+    assert_eq!(
+        profile_of(store, environment_id, IdentifierKind::AnonymousId, "device-1").await.profile_id,
+        user_profile
+    );
+}
+
+pub async fn anonymous_events_follow_the_profile_when_it_is_identified(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    record(store, environment_id, track(None, Some("anon-7"), "Landing", 1)).await;
+    identify(store, environment_id, command(Some("u7"), Some("anon-7"), json!({}), 2)).await;
+    let output = sql(store, environment_id, "SELECT distinct_id, anonymous_id FROM events").await;
+    assert_eq!(output.rows, vec![vec![json!("u7"), json!("anon-7")]]);
+}
+
+pub async fn resent_message_ids_are_applied_once(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    let first = command(Some("u1"), None, json!({ "n": 1 }), 1)
+        .with_message_id(Some("m-1".into()), &Limits::default())
+        .unwrap();
+    let resent = command(Some("u1"), None, json!({ "n": 2 }), 2)
+        .with_message_id(Some("m-1".into()), &Limits::default())
+        .unwrap();
+    let results = store.identify(environment_id, vec![first, resent], WritePolicy::default()).await.unwrap();
+    assert!(!results[0].as_ref().unwrap().duplicate);
+    assert!(results[1].as_ref().unwrap().duplicate);
+    assert_eq!(results[1].as_ref().unwrap().profile_id, results[0].as_ref().unwrap().profile_id);
+    assert_eq!(profile_of(store, environment_id, IdentifierKind::UserId, "u1").await.traits, traits(json!({ "n": 1 })));
+
+    let mut event = track(Some("u1"), None, "Paid", 3);
+    event.message_id = Some("m-2".into());
+    let outcomes =
+        store.track(environment_id, vec![event.clone(), event.clone()], WritePolicy::default()).await.unwrap();
+    assert!(outcomes[1].as_ref().unwrap().duplicate);
+    assert_eq!(outcomes[1].as_ref().unwrap().event_id, outcomes[0].as_ref().unwrap().event_id);
+    assert_eq!(sql(store, environment_id, "SELECT count(*) FROM events").await.rows, vec![vec![json!(1)]]);
+
+    // Outside the window a resend counts again.
+    let no_window = WritePolicy { dedup_window_micros: 0, ..WritePolicy::default() };
+    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    let outcomes = store.track(environment_id, vec![event], no_window).await.unwrap();
+    assert!(!outcomes[0].as_ref().unwrap().duplicate);
+}
+
+pub async fn trait_history_records_winning_changes_only(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    identify(store, environment_id, command(Some("u1"), None, json!({ "plan": "free" }), 10)).await;
+    identify(store, environment_id, command(Some("u1"), None, json!({ "plan": "free" }), 15)).await;
+    identify(store, environment_id, command(Some("u1"), None, json!({ "plan": "pro" }), 20)).await;
+    identify(store, environment_id, command(Some("u1"), None, json!({ "plan": "starter" }), 5)).await;
+    identify(store, environment_id, command(Some("u1"), None, json!({ "plan": null }), 30)).await;
+    let output = sql(
+        store,
+        environment_id,
+        "SELECT key, old_value, new_value, distinct_id FROM trait_changes WHERE key = 'plan' ORDER BY timestamp",
+    )
+    .await;
+    assert_eq!(
+        output.rows,
+        vec![
+            vec![json!("plan"), json!(null), json!("free"), json!("u1")],
+            vec![json!("plan"), json!("free"), json!("pro"), json!("u1")],
+            vec![json!("plan"), json!("pro"), json!(null), json!("u1")],
+        ]
+    );
+}
+
+pub async fn the_seed_queries_run_as_written(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    identify(
+        store,
+        environment_id,
+        command(Some("u_1"), None, json!({ "plan": "premium", "email": "a@example.com" }), 1),
+    )
+    .await;
+    record(store, environment_id, track(Some("u_1"), None, "Checkout", 2)).await;
+    let identities = sql(
+        store,
+        environment_id,
+        "SELECT distinct_id, traits->>'email' AS email, traits->>'plan' AS plan, updated_at FROM identities ORDER BY updated_at DESC;",
+    )
+    .await;
+    assert_eq!(identities.columns, vec!["distinct_id", "email", "plan", "updated_at"]);
+    assert_eq!(&identities.rows[0][..3], &[json!("u_1"), json!("a@example.com"), json!("premium")]);
+    let events = sql(
+        store,
+        environment_id,
+        "SELECT e.event, e.properties, e.timestamp, e.identity_traits->>'email' AS email, e.identity_traits->>'plan' AS plan \
+         FROM events e WHERE e.distinct_id = 'u_1' ORDER BY e.timestamp DESC;",
+    )
+    .await;
+    assert_eq!(events.rows.len(), 1);
+    assert_eq!(events.rows[0][0], json!("Checkout"));
+    assert_eq!(events.rows[0][2], json!("1970-01-01T00:00:00.000Z"));
+    assert_eq!(&events.rows[0][3..], &[json!("a@example.com"), json!("premium")]);
+}
+
+pub async fn queries_see_only_their_environment(store: &dyn Store) {
+    let production = new_environment(store, "production").await;
+    let staging = new_environment(store, "staging").await;
+    for index in 0..3 {
+        identify(store, production, command(Some(&format!("p{index}")), None, json!({}), 1)).await;
+    }
+    identify(store, staging, command(Some("s0"), None, json!({}), 1)).await;
+    record(store, staging, track(Some("s0"), None, "Only Staging", 1)).await;
+    assert_eq!(sql(store, production, "SELECT count(*) FROM identities").await.rows, vec![vec![json!(3)]]);
+    assert_eq!(
+        sql(store, staging, "SELECT count(*), min(environment) FROM identities").await.rows,
+        vec![vec![json!(1), json!("staging")]]
+    );
+    assert_eq!(sql(store, production, "SELECT count(*) FROM events").await.rows, vec![vec![json!(0)]]);
+    let joined =
+        sql(store, production, "SELECT count(*) FROM identities i JOIN events e ON e.profile_id = i.profile_id").await;
+    assert_eq!(joined.rows, vec![vec![json!(0)]]);
+}
+
+pub async fn queries_refuse_writes_and_escapes(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    identify(store, environment_id, command(Some("u1"), None, json!({}), 1)).await;
+    for statement in [
+        "DELETE FROM identities",
+        "INSERT INTO events (event) VALUES ('x')",
+        "UPDATE identities SET distinct_id = 'x'",
+        "CREATE TABLE stolen AS SELECT * FROM identities",
+        "DROP VIEW identities",
+        "PRAGMA table_info(profiles)",
+        "ATTACH DATABASE '/tmp/other.db' AS other",
+        "BEGIN",
+        "EXPLAIN SELECT * FROM identities",
+        "SELECT 1; DELETE FROM identities",
+    ] {
+        let result = store.query(environment_id, statement, bounds()).await;
+        assert!(matches!(result, Err(StoreError::QueryRefused(_))), "{statement} was not refused: {result:?}");
+    }
+    // Anything beyond the views is refused or does not exist; either way no rows come back.
+    for statement in [
+        "SELECT * FROM profiles",
+        "SELECT count(*) FROM profiles",
+        "SELECT * FROM main.profiles",
+        "SELECT * FROM identifiers",
+        "SELECT * FROM environments",
+        "SELECT * FROM trait_history",
+        "SELECT name FROM sqlite_master",
+        "SELECT sql FROM sqlite_temp_master",
+        "SELECT * FROM pragma_table_info('profiles')",
+        "SELECT * FROM pragma_database_list",
+    ] {
+        let result = store.query(environment_id, statement, bounds()).await;
+        assert!(
+            matches!(result, Err(StoreError::QueryRefused(_) | StoreError::QueryFailed(_))),
+            "{statement} reached beyond the views: {result:?}"
+        );
+    }
+    assert!(matches!(
+        store.query(environment_id, "SELECT no_such_column FROM identities", bounds()).await,
+        Err(StoreError::QueryFailed(_))
+    ));
+    assert_eq!(sql(store, environment_id, "SELECT count(*) FROM identities").await.rows, vec![vec![json!(1)]]);
+}
+
+pub async fn queries_stop_at_their_time_and_row_limits(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    let endless = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT count(*) FROM n";
+    let quick = QueryBounds { timeout: std::time::Duration::from_millis(100), max_rows: 10 };
+    let started = std::time::Instant::now();
+    let result = store.query(environment_id, endless, quick.clone()).await;
+    assert!(matches!(result, Err(StoreError::QueryTimeout(_))), "{result:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let many = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100) SELECT i FROM n";
+    let output = store.query(environment_id, many, quick).await.unwrap();
+    assert_eq!(output.rows.len(), 10);
+    assert!(output.truncated);
 }
 
 pub async fn concurrent_identifies_for_one_new_user_make_one_profile(store: std::sync::Arc<dyn Store>) {
@@ -340,6 +595,16 @@ macro_rules! store_contract_suite {
             profile_limits_reject_only_the_offending_item,
             listing_pages_in_id_order_and_filters_by_typed_trait,
             replaying_a_batch_in_any_order_gives_the_same_profile,
+            events_carry_the_traits_of_their_moment,
+            event_pages_walk_back_in_time_without_overlap,
+            track_only_distinct_id_is_not_identified_and_merges_at_login,
+            anonymous_events_follow_the_profile_when_it_is_identified,
+            resent_message_ids_are_applied_once,
+            trait_history_records_winning_changes_only,
+            the_seed_queries_run_as_written,
+            queries_see_only_their_environment,
+            queries_refuse_writes_and_escapes,
+            queries_stop_at_their_time_and_row_limits,
         );
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_identifies_for_one_new_user_make_one_profile() {

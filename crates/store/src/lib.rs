@@ -14,10 +14,11 @@ pub mod sqlite;
 mod contract;
 
 use async_trait::async_trait;
-use roster_core::{FieldError, IdentifierKind, IdentifyCommand, Limits};
+use roster_core::{FieldError, IdentifierKind, IdentifyCommand, Timestamp, TrackCommand};
 
 pub use model::{
-    EnvironmentId, EnvironmentRecord, IdentifyOutcome, NewEnvironment, Profile, ProfileFilter, ProfilePage,
+    EnvironmentId, EnvironmentRecord, EventPage, IdentifyOutcome, NewEnvironment, Profile, ProfileFilter, ProfilePage,
+    QueryBounds, QueryOutput, StoredEvent, TrackOutcome, WritePolicy,
 };
 pub use sqlite::SqliteStore;
 
@@ -32,6 +33,15 @@ pub enum StoreError {
     Conflict(String),
     #[error("the store is shutting down")]
     Closed,
+    /// A user's SQL was refused before running (a write, DDL, a table outside the views, …).
+    #[error("{0}")]
+    QueryRefused(String),
+    /// A user's SQL failed (syntax, unknown column, …).
+    #[error("{0}")]
+    QueryFailed(String),
+    /// A user's SQL ran past its time limit and was stopped.
+    #[error("the query ran longer than {0:?} and was stopped")]
+    QueryTimeout(std::time::Duration),
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -44,6 +54,9 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 /// One item's result in a batch: applied, or rejected with the field and rule it broke.
 pub type ItemResult = Result<IdentifyOutcome, FieldError>;
+
+/// One event's result in a batch.
+pub type TrackResult = Result<TrackOutcome, FieldError>;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -78,8 +91,35 @@ pub trait Store: Send + Sync + 'static {
         &self,
         environment_id: EnvironmentId,
         commands: Vec<IdentifyCommand>,
-        limits: Limits,
+        policy: WritePolicy,
     ) -> StoreResult<Vec<ItemResult>>;
+
+    /// Records events in order, in one durable transaction, each with a snapshot of its profile's
+    /// traits. Resent message ids inside the dedup window are answered as duplicates.
+    async fn track(
+        &self,
+        environment_id: EnvironmentId,
+        commands: Vec<TrackCommand>,
+        policy: WritePolicy,
+    ) -> StoreResult<Vec<TrackResult>>;
+
+    /// A profile's events, newest first, before the cursor `before` (a `next_before` from an
+    /// earlier page). `None` when the profile does not exist; merged-away ids forward.
+    async fn profile_events(
+        &self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        before: Option<String>,
+        limit: usize,
+    ) -> StoreResult<Option<EventPage>>;
+
+    /// Runs one read-only SQL statement over the environment's views (`identities`, `events`,
+    /// `trait_changes`), refusing anything else, within `bounds`.
+    async fn query(&self, environment_id: EnvironmentId, sql: &str, bounds: QueryBounds) -> StoreResult<QueryOutput>;
+
+    /// Deletes message ids older than `messages_before` and trait history older than
+    /// `history_before`, a bounded number per call. Returns how many rows went.
+    async fn purge_expired(&self, messages_before: Timestamp, history_before: Option<Timestamp>) -> StoreResult<usize>;
 
     /// A profile by id; ids of profiles merged away forward to the survivor.
     async fn profile(&self, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<Option<Profile>>;

@@ -48,11 +48,74 @@ pub struct Profile {
 pub struct IdentifyOutcome {
     pub profile_id: String,
     pub created: bool,
+    /// A resend of a message id already applied inside the dedup window: nothing was written.
+    pub duplicate: bool,
     /// Profiles merged into this one by this call (their ids now forward here).
     pub merged_profile_ids: Vec<String>,
     /// Trait keys whose stored state this call changed (older writes change nothing).
     pub changed_traits: Vec<String>,
     pub warnings: Vec<LinkWarning>,
+}
+
+/// What one recorded event did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackOutcome {
+    pub event_id: String,
+    pub profile_id: String,
+    /// A resend of a message id already recorded inside the dedup window: nothing was written.
+    pub duplicate: bool,
+}
+
+/// How writes are applied, beyond the limits of one item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WritePolicy {
+    pub limits: roster_core::Limits,
+    /// A message id seen within this many microseconds is a duplicate.
+    pub dedup_window_micros: i64,
+}
+
+impl Default for WritePolicy {
+    fn default() -> Self {
+        WritePolicy { limits: roster_core::Limits::default(), dedup_window_micros: 24 * 3600 * 1_000_000 }
+    }
+}
+
+/// One stored event, as the timeline shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub event_id: String,
+    pub profile_id: String,
+    pub distinct_id: Option<String>,
+    pub anonymous_id: Option<String>,
+    pub event: String,
+    pub properties: Map<String, Value>,
+    pub timestamp: Timestamp,
+    pub received_at: Timestamp,
+    pub identity_traits: Map<String, Value>,
+}
+
+/// A page of a profile's events, newest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventPage {
+    pub events: Vec<StoredEvent>,
+    /// Pass as `before` to get the next (older) page; `None` on the last page.
+    pub next_before: Option<String>,
+}
+
+/// Bounds on one SQL query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryBounds {
+    pub timeout: std::time::Duration,
+    pub max_rows: usize,
+}
+
+/// The answer of one SQL query: column names and rows of JSON values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryOutput {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Value>>,
+    /// More rows existed than `max_rows`; the rest were not read.
+    pub truncated: bool,
 }
 
 /// Filters of the profile listing.

@@ -1,14 +1,15 @@
-//! Identity resolution carried out inside a backend's transaction. Written once for every
-//! backend: a backend implements [`IdentityTx`] (lookups and writes on its own tables) and calls
-//! [`apply_identify`] for each command, inside one transaction per batch.
+//! The write path carried out inside a backend's transaction: identity resolution for identify
+//! and track, message-id deduplication, trait history. Written once for every backend: a backend
+//! implements [`IdentityTx`] (lookups and writes on its own tables) and calls [`apply_identify`]
+//! or [`apply_track`] for each command, inside one transaction per batch.
 
 use roster_core::{
-    FieldError, IdentifierKind, IdentifyCommand, Limits, LinkInput, LinkTarget, ProfileRef, Timestamp, TraitSet,
-    plan_link,
+    FieldError, IdentifierKind, IdentifyCommand, LinkInput, LinkTarget, ProfileRef, Timestamp, TrackCommand,
+    TraitChange, TraitSet, plan_link,
 };
 
 use crate::StoreError;
-use crate::model::{EnvironmentId, IdentifyOutcome};
+use crate::model::{EnvironmentId, IdentifyOutcome, TrackOutcome, WritePolicy};
 
 /// A profile row as the write path sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,6 +26,17 @@ impl StoredProfile {
     fn reference(&self) -> ProfileRef {
         ProfileRef { profile_id: self.profile_id.clone(), user_id: self.user_id.clone(), identified: self.identified }
     }
+
+    fn new(profile_id: String, received_at: Timestamp) -> Self {
+        StoredProfile {
+            profile_id,
+            user_id: None,
+            identified: false,
+            traits: TraitSet::new(),
+            created_at: received_at,
+            updated_at: received_at,
+        }
+    }
 }
 
 /// A profile row ready to be written: traits already serialized, so the size limit is checked on
@@ -35,7 +47,27 @@ pub struct ProfileWrite<'a> {
     pub trait_timestamps_json: String,
 }
 
-/// The lookups and writes resolution needs, implemented by each backend on its open transaction.
+/// An event row ready to be written.
+pub struct EventWrite<'a> {
+    pub event_id: &'a str,
+    pub profile_id: &'a str,
+    /// The profile's user id if it has one, else the id the event was sent with.
+    pub distinct_id: Option<&'a str>,
+    pub anonymous_id: Option<&'a str>,
+    pub command: &'a TrackCommand,
+    pub received_at: Timestamp,
+    /// The profile's live traits when the event was recorded.
+    pub identity_traits_json: &'a str,
+}
+
+/// A message id already applied: when, and what it produced.
+pub struct SeenMessage {
+    pub received_at: Timestamp,
+    pub profile_id: String,
+    pub event_id: Option<String>,
+}
+
+/// The lookups and writes the write path needs, implemented by each backend on its open transaction.
 pub trait IdentityTx {
     /// The profile an identifier points at.
     fn find_by_identifier(
@@ -78,8 +110,43 @@ pub trait IdentityTx {
     /// forwards to `from` as well, so forwarding is always one hop).
     fn retire_profile(&mut self, environment_id: EnvironmentId, from: &str, to: &str) -> Result<(), StoreError>;
 
-    /// A new, never reused profile id.
-    fn new_profile_id(&mut self) -> String;
+    /// Moves the events and trait history of `from` to `to`.
+    fn move_activity(&mut self, environment_id: EnvironmentId, from: &str, to: &str) -> Result<(), StoreError>;
+
+    /// Shows the profile's events under its (new) user id.
+    fn set_events_distinct_id(
+        &mut self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        distinct_id: &str,
+    ) -> Result<(), StoreError>;
+
+    fn insert_event(&mut self, environment_id: EnvironmentId, event: &EventWrite<'_>) -> Result<(), StoreError>;
+
+    /// Appends one identify's trait changes (a JSON array) to the profile's history.
+    fn record_trait_changes(
+        &mut self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        changes_json: &str,
+        recorded_at: Timestamp,
+    ) -> Result<(), StoreError>;
+
+    fn find_message(
+        &mut self,
+        environment_id: EnvironmentId,
+        message_id: &str,
+    ) -> Result<Option<SeenMessage>, StoreError>;
+
+    fn put_message(
+        &mut self,
+        environment_id: EnvironmentId,
+        message_id: &str,
+        seen: &SeenMessage,
+    ) -> Result<(), StoreError>;
+
+    /// A new, never reused, time-ordered id (profiles and events).
+    fn new_id(&mut self) -> String;
 }
 
 /// Applies one identify. A `FieldError` means the item was rejected before anything was written;
@@ -88,9 +155,19 @@ pub fn apply_identify(
     tx: &mut impl IdentityTx,
     environment_id: EnvironmentId,
     command: &IdentifyCommand,
-    limits: &Limits,
+    policy: &WritePolicy,
     received_at: Timestamp,
 ) -> Result<Result<IdentifyOutcome, FieldError>, StoreError> {
+    if let Some(seen) = already_seen(tx, environment_id, command.message_id.as_deref(), policy, received_at)? {
+        return Ok(Ok(IdentifyOutcome {
+            profile_id: seen.profile_id,
+            created: false,
+            duplicate: true,
+            merged_profile_ids: Vec::new(),
+            changed_traits: Vec::new(),
+            warnings: Vec::new(),
+        }));
+    }
     let user_profile = match command.user_id.as_deref() {
         Some(user_id) => tx.find_by_identifier(environment_id, IdentifierKind::UserId, user_id)?,
         None => None,
@@ -108,14 +185,7 @@ pub fn apply_identify(
 
     let created = plan.target == LinkTarget::New;
     let mut profile = match &plan.target {
-        LinkTarget::New => StoredProfile {
-            profile_id: tx.new_profile_id(),
-            user_id: None,
-            identified: false,
-            traits: TraitSet::new(),
-            created_at: received_at,
-            updated_at: received_at,
-        },
+        LinkTarget::New => StoredProfile::new(tx.new_id(), received_at),
         LinkTarget::Existing(profile_id) => take_loaded(profile_id, [user_profile, anonymous_profile])
             .ok_or_else(|| StoreError::Corrupt(format!("identifier points at missing profile {profile_id}")))?,
     };
@@ -127,13 +197,13 @@ pub fn apply_identify(
         ),
         None => None,
     };
+    let mut changes: Vec<TraitChange> = Vec::new();
     if let Some(absorbed) = &absorbed {
-        profile.traits.merge(&absorbed.traits);
+        changes.extend(profile.traits.merge(&absorbed.traits));
         profile.created_at = profile.created_at.min(absorbed.created_at);
     }
-
-    let mut changed_traits = profile.traits.apply_patch(&command.traits, command.timestamp);
-    changed_traits.extend(profile.traits.apply_patch_if_absent(&command.traits_set_once, command.timestamp));
+    changes.extend(profile.traits.apply_patch(&command.traits, command.timestamp));
+    changes.extend(profile.traits.apply_patch_if_absent(&command.traits_set_once, command.timestamp));
 
     // A distinct id that was never identified (track-only activity) stays linked as a device id
     // when the profile gets its real user id.
@@ -141,6 +211,7 @@ pub fn apply_identify(
         Some(new_user_id) if profile.user_id.as_deref() != Some(new_user_id) => profile.user_id.take(),
         _ => None,
     };
+    let previous_user_id = profile.user_id.clone().or_else(|| demoted_user_id.clone());
     if let Some(new_user_id) = &plan.set_user_id {
         profile.user_id = Some(new_user_id.clone());
     }
@@ -148,7 +219,7 @@ pub fn apply_identify(
     profile.updated_at = received_at;
 
     let traits_json = profile.traits.live_values_json();
-    if let Err(violation) = limits.validate_profile(profile.traits.live_count(), traits_json.len()) {
+    if let Err(violation) = policy.limits.validate_profile(profile.traits.live_count(), traits_json.len()) {
         return Ok(Err(violation));
     }
     let trait_timestamps_json = profile.traits.timestamps_json();
@@ -169,6 +240,7 @@ pub fn apply_identify(
             tx.delete_identifier(environment_id, IdentifierKind::UserId, absorbed_user_id)?;
         }
         tx.move_identifiers(environment_id, &absorbed.profile_id, target_id)?;
+        tx.move_activity(environment_id, &absorbed.profile_id, target_id)?;
         tx.retire_profile(environment_id, &absorbed.profile_id, target_id)?;
         merged_profile_ids.push(absorbed.profile_id.clone());
     }
@@ -182,14 +254,129 @@ pub fn apply_identify(
     if let Some(anonymous_id) = &plan.link_anonymous_id {
         tx.put_identifier(environment_id, IdentifierKind::AnonymousId, anonymous_id, target_id)?;
     }
+    // Pre-login events show under the user's id from now on.
+    if let Some(user_id) = &profile.user_id
+        && !created
+        && (profile.user_id != previous_user_id || absorbed.is_some())
+    {
+        tx.set_events_distinct_id(environment_id, target_id, user_id)?;
+    }
+    if !changes.is_empty() {
+        tx.record_trait_changes(environment_id, target_id, &changes_json(&changes), received_at)?;
+    }
+    if let Some(message_id) = &command.message_id {
+        let seen = SeenMessage { received_at, profile_id: profile.profile_id.clone(), event_id: None };
+        tx.put_message(environment_id, message_id, &seen)?;
+    }
 
     Ok(Ok(IdentifyOutcome {
         profile_id: profile.profile_id,
         created,
+        duplicate: false,
         merged_profile_ids,
-        changed_traits,
+        changed_traits: changes.into_iter().map(|change| change.key).collect(),
         warnings: plan.warnings,
     }))
+}
+
+/// Records one event on the profile its identifiers name, creating that profile (not identified)
+/// when nobody is known by them yet. Track never links or merges: that is identify's job.
+pub fn apply_track(
+    tx: &mut impl IdentityTx,
+    environment_id: EnvironmentId,
+    command: &TrackCommand,
+    policy: &WritePolicy,
+    received_at: Timestamp,
+) -> Result<Result<TrackOutcome, FieldError>, StoreError> {
+    if let Some(seen) = already_seen(tx, environment_id, command.message_id.as_deref(), policy, received_at)? {
+        return Ok(Ok(TrackOutcome {
+            event_id: seen.event_id.unwrap_or_default(),
+            profile_id: seen.profile_id,
+            duplicate: true,
+        }));
+    }
+    let found = match (&command.user_id, &command.anonymous_id) {
+        (Some(user_id), _) => tx.find_by_identifier(environment_id, IdentifierKind::UserId, user_id)?,
+        (None, Some(anonymous_id)) => find_anonymous(tx, environment_id, anonymous_id)?,
+        (None, None) => None,
+    };
+    let profile = match found {
+        Some(profile) => profile,
+        None => create_unidentified(tx, environment_id, command, received_at)?,
+    };
+    let identity_traits_json = profile.traits.live_values_json();
+    let event_id = tx.new_id();
+    let distinct_id = profile.user_id.as_deref().or(command.user_id.as_deref()).or(command.anonymous_id.as_deref());
+    tx.insert_event(
+        environment_id,
+        &EventWrite {
+            event_id: &event_id,
+            profile_id: &profile.profile_id,
+            distinct_id,
+            anonymous_id: command.anonymous_id.as_deref(),
+            command,
+            received_at,
+            identity_traits_json: &identity_traits_json,
+        },
+    )?;
+    if let Some(message_id) = &command.message_id {
+        let seen =
+            SeenMessage { received_at, profile_id: profile.profile_id.clone(), event_id: Some(event_id.clone()) };
+        tx.put_message(environment_id, message_id, &seen)?;
+    }
+    Ok(Ok(TrackOutcome { event_id, profile_id: profile.profile_id, duplicate: false }))
+}
+
+/// A profile for a track whose identifiers nobody holds yet: its distinct id is kept as a user id
+/// that is not identified, so a later identify naming it as `anonymous_id` merges it in.
+fn create_unidentified(
+    tx: &mut impl IdentityTx,
+    environment_id: EnvironmentId,
+    command: &TrackCommand,
+    received_at: Timestamp,
+) -> Result<StoredProfile, StoreError> {
+    let mut profile = StoredProfile::new(tx.new_id(), received_at);
+    profile.user_id = command.user_id.clone();
+    let write = ProfileWrite { profile: &profile, traits_json: "{}".into(), trait_timestamps_json: "{}".into() };
+    tx.insert_profile(environment_id, &write)?;
+    match (&command.user_id, &command.anonymous_id) {
+        (Some(user_id), _) => {
+            tx.put_identifier(environment_id, IdentifierKind::UserId, user_id, &profile.profile_id)?
+        }
+        (None, Some(anonymous_id)) => {
+            tx.put_identifier(environment_id, IdentifierKind::AnonymousId, anonymous_id, &profile.profile_id)?
+        }
+        (None, None) => {}
+    }
+    Ok(profile)
+}
+
+/// A message id applied within the dedup window, if any.
+fn already_seen(
+    tx: &mut impl IdentityTx,
+    environment_id: EnvironmentId,
+    message_id: Option<&str>,
+    policy: &WritePolicy,
+    received_at: Timestamp,
+) -> Result<Option<SeenMessage>, StoreError> {
+    let Some(message_id) = message_id else { return Ok(None) };
+    let window_start = received_at.as_micros().saturating_sub(policy.dedup_window_micros);
+    Ok(tx.find_message(environment_id, message_id)?.filter(|seen| seen.received_at.as_micros() >= window_start))
+}
+
+fn changes_json(changes: &[TraitChange]) -> String {
+    let entries: Vec<serde_json::Value> = changes
+        .iter()
+        .map(|change| {
+            serde_json::json!({
+                "key": change.key,
+                "old": change.old_value,
+                "new": change.new_value,
+                "at": change.updated_at.as_micros(),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(entries).to_string()
 }
 
 /// The profile an identify's `anonymous_id` names: one holding it as an anonymous id, or one

@@ -26,7 +26,9 @@ impl TestServer {
     pub async fn start_with(limits: Limits, config: ServerConfig) -> Self {
         let data_directory = tempfile::tempdir().expect("temp dir");
         let store = SqliteStore::open(data_directory.path()).expect("open store");
-        let engine = Arc::new(Engine::new(Arc::new(store), EngineConfig { limits }).await.expect("engine"));
+        let engine = Arc::new(
+            Engine::new(Arc::new(store), EngineConfig { limits, ..EngineConfig::default() }).await.expect("engine"),
+        );
         let credentials = engine.bootstrap_if_empty().await.expect("bootstrap").expect("fresh store bootstraps");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base_url = format!("http://{}", listener.local_addr().expect("address"));

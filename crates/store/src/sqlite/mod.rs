@@ -13,14 +13,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use roster_core::{IdentifierKind, IdentifyCommand, Limits, Timestamp, TraitSet};
+use roster_core::{IdentifierKind, IdentifyCommand, Timestamp, TrackCommand, TraitSet};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::model::{EnvironmentId, EnvironmentRecord, NewEnvironment, Profile, ProfileFilter, ProfilePage};
-use crate::resolution::{IdentityTx, ProfileWrite, StoredProfile, apply_identify};
-use crate::{ItemResult, Store, StoreError, StoreResult};
+use crate::model::{
+    EnvironmentId, EnvironmentRecord, EventPage, NewEnvironment, Profile, ProfileFilter, ProfilePage, QueryBounds,
+    QueryOutput, StoredEvent, WritePolicy,
+};
+use crate::resolution::{
+    EventWrite, IdentityTx, ProfileWrite, SeenMessage, StoredProfile, apply_identify, apply_track,
+};
+use crate::{ItemResult, Store, StoreError, StoreResult, TrackResult};
+
+mod query;
 
 /// File name of the database inside the data directory.
 pub const DATABASE_FILE_NAME: &str = "roster.db";
@@ -36,7 +43,8 @@ const WRITE_QUEUE_CAPACITY: usize = 4096;
 const MAX_IDLE_READERS: usize = 8;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE settings (
         name TEXT PRIMARY KEY,
         value TEXT NOT NULL
@@ -74,7 +82,42 @@ const MIGRATIONS: &[&str] = &[r#"
         profile_id TEXT NOT NULL
     ) WITHOUT ROWID;
     CREATE INDEX profile_forwards_by_target ON profile_forwards (profile_id);
-"#];
+"#,
+    r#"
+    CREATE TABLE events (
+        environment_id INTEGER NOT NULL,
+        event_id TEXT NOT NULL,
+        profile_id TEXT NOT NULL,
+        distinct_id TEXT,
+        anonymous_id TEXT,
+        event TEXT NOT NULL,
+        properties TEXT NOT NULL,
+        timestamp INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        identity_traits TEXT NOT NULL,
+        message_id TEXT
+    );
+    CREATE INDEX events_by_profile ON events (environment_id, profile_id, timestamp, event_id);
+    CREATE INDEX events_by_distinct_id ON events (environment_id, distinct_id, timestamp);
+    CREATE TABLE trait_history (
+        environment_id INTEGER NOT NULL,
+        profile_id TEXT NOT NULL,
+        changes TEXT NOT NULL,
+        recorded_at INTEGER NOT NULL
+    );
+    CREATE INDEX trait_history_by_profile ON trait_history (environment_id, profile_id);
+    CREATE INDEX trait_history_by_age ON trait_history (recorded_at);
+    CREATE TABLE message_ids (
+        environment_id INTEGER NOT NULL,
+        message_id TEXT NOT NULL,
+        received_at INTEGER NOT NULL,
+        profile_id TEXT NOT NULL,
+        event_id TEXT,
+        PRIMARY KEY (environment_id, message_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX message_ids_by_age ON message_ids (received_at);
+"#,
+];
 
 const ADMIN_TOKEN_SETTING: &str = "admin_token_hash";
 
@@ -108,7 +151,12 @@ impl SqliteStore {
             .spawn(move || run_writer(writer, jobs))
             .map_err(|error| StoreError::Database(format!("cannot start writer thread: {error}")))?;
 
-        let readers = Arc::new(ReaderPool { database_path: database_path.clone(), idle: Mutex::new(Vec::new()) });
+        let readers = Arc::new(ReaderPool {
+            database_path: database_path.clone(),
+            idle: Mutex::new(Vec::new()),
+            idle_query: Mutex::new(Vec::new()),
+            store_schema: format!("store_{}", uuid::Uuid::now_v7().simple()),
+        });
         Ok(SqliteStore { database_path, write_queue, readers })
     }
 
@@ -263,26 +311,50 @@ fn run_cached(connection: &Connection, sql: &str) -> rusqlite::Result<()> {
 struct ReaderPool {
     database_path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    /// Connections for users' SQL: they carry the per-environment views (see `query`).
+    idle_query: Mutex<Vec<query::QueryConnection>>,
+    /// The schema name query connections attach the store under; random, so users cannot name it.
+    store_schema: String,
 }
 
 impl ReaderPool {
-    fn take(&self) -> StoreResult<Connection> {
-        if let Some(connection) = self.idle.lock().map_err(|_| StoreError::Closed)?.pop() {
-            return Ok(connection);
-        }
+    fn open_reader(&self) -> StoreResult<Connection> {
         let connection = Connection::open_with_flags(
             &self.database_path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
         )?;
-        // Readers never write: query_only turns any attempt into an error.
-        connection
-            .execute_batch("PRAGMA query_only = ON; PRAGMA busy_timeout = 10000; PRAGMA mmap_size = 268435456;")?;
+        connection.execute_batch("PRAGMA busy_timeout = 10000; PRAGMA mmap_size = 268435456;")?;
         disable_replanning(&connection)?;
+        Ok(connection)
+    }
+
+    fn take(&self) -> StoreResult<Connection> {
+        if let Some(connection) = self.idle.lock().map_err(|_| StoreError::Closed)?.pop() {
+            return Ok(connection);
+        }
+        let connection = self.open_reader()?;
+        // Readers never write: query_only turns any attempt into an error.
+        connection.execute_batch("PRAGMA query_only = ON;")?;
         Ok(connection)
     }
 
     fn give_back(&self, connection: Connection) {
         if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < MAX_IDLE_READERS
+        {
+            idle.push(connection);
+        }
+    }
+
+    fn take_query(&self) -> StoreResult<query::QueryConnection> {
+        if let Some(connection) = self.idle_query.lock().map_err(|_| StoreError::Closed)?.pop() {
+            return Ok(connection);
+        }
+        query::QueryConnection::open(&self.database_path, &self.store_schema)
+    }
+
+    fn give_back_query(&self, connection: query::QueryConnection) {
+        if let Ok(mut idle) = self.idle_query.lock()
             && idle.len() < MAX_IDLE_READERS
         {
             idle.push(connection);
@@ -479,7 +551,103 @@ impl IdentityTx for SqliteIdentityTx<'_> {
         Ok(())
     }
 
-    fn new_profile_id(&mut self) -> String {
+    fn move_activity(&mut self, environment_id: EnvironmentId, from: &str, to: &str) -> StoreResult<()> {
+        self.connection
+            .prepare_cached("UPDATE events SET profile_id = ?3 WHERE environment_id = ?1 AND profile_id = ?2")?
+            .execute(params![environment_id, from, to])?;
+        self.connection
+            .prepare_cached("UPDATE trait_history SET profile_id = ?3 WHERE environment_id = ?1 AND profile_id = ?2")?
+            .execute(params![environment_id, from, to])?;
+        Ok(())
+    }
+
+    fn set_events_distinct_id(
+        &mut self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        distinct_id: &str,
+    ) -> StoreResult<()> {
+        self.connection
+            .prepare_cached(
+                "UPDATE events SET distinct_id = ?3 WHERE environment_id = ?1 AND profile_id = ?2 \
+                 AND distinct_id IS NOT ?3",
+            )?
+            .execute(params![environment_id, profile_id, distinct_id])?;
+        Ok(())
+    }
+
+    fn insert_event(&mut self, environment_id: EnvironmentId, event: &EventWrite<'_>) -> StoreResult<()> {
+        self.connection
+            .prepare_cached(
+                "INSERT INTO events (environment_id, event_id, profile_id, distinct_id, anonymous_id, event, \
+                 properties, timestamp, received_at, identity_traits, message_id) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?
+            .execute(params![
+                environment_id,
+                event.event_id,
+                event.profile_id,
+                event.distinct_id,
+                event.anonymous_id,
+                event.command.event,
+                event.command.properties_json,
+                event.command.timestamp.as_micros(),
+                event.received_at.as_micros(),
+                event.identity_traits_json,
+                event.command.message_id,
+            ])?;
+        Ok(())
+    }
+
+    fn record_trait_changes(
+        &mut self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        changes_json: &str,
+        recorded_at: Timestamp,
+    ) -> StoreResult<()> {
+        self.connection
+            .prepare_cached(
+                "INSERT INTO trait_history (environment_id, profile_id, changes, recorded_at) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![environment_id, profile_id, changes_json, recorded_at.as_micros()])?;
+        Ok(())
+    }
+
+    fn find_message(&mut self, environment_id: EnvironmentId, message_id: &str) -> StoreResult<Option<SeenMessage>> {
+        Ok(self
+            .connection
+            .prepare_cached(
+                "SELECT received_at, profile_id, event_id FROM message_ids WHERE environment_id = ?1 AND message_id = ?2",
+            )?
+            .query_row(params![environment_id, message_id], |row| {
+                Ok(SeenMessage {
+                    received_at: Timestamp::from_micros(row.get(0)?),
+                    profile_id: row.get(1)?,
+                    event_id: row.get(2)?,
+                })
+            })
+            .optional()?)
+    }
+
+    fn put_message(&mut self, environment_id: EnvironmentId, message_id: &str, seen: &SeenMessage) -> StoreResult<()> {
+        self.connection
+            .prepare_cached(
+                "INSERT INTO message_ids (environment_id, message_id, received_at, profile_id, event_id) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (environment_id, message_id) DO UPDATE SET \
+                 received_at = excluded.received_at, profile_id = excluded.profile_id, event_id = excluded.event_id",
+            )?
+            .execute(params![
+                environment_id,
+                message_id,
+                seen.received_at.as_micros(),
+                seen.profile_id,
+                seen.event_id
+            ])?;
+        Ok(())
+    }
+
+    fn new_id(&mut self) -> String {
         uuid::Uuid::now_v7().to_string()
     }
 }
@@ -513,6 +681,38 @@ fn load_row(
         .prepare_cached(SQL)?
         .query_row(params![environment_id, profile_id], stored_profile_from_row)
         .optional()?)
+}
+
+/// The id a profile id stands for now: itself, or the survivor it was merged into.
+fn current_profile_id(
+    connection: &Connection,
+    environment_id: EnvironmentId,
+    profile_id: &str,
+) -> StoreResult<Option<String>> {
+    let forwarded: Option<String> = connection
+        .prepare_cached("SELECT profile_id FROM profile_forwards WHERE environment_id = ?1 AND old_profile_id = ?2")?
+        .query_row(params![environment_id, profile_id], |row| row.get(0))
+        .optional()?;
+    if forwarded.is_some() {
+        return Ok(forwarded);
+    }
+    let exists = connection
+        .prepare_cached("SELECT 1 FROM profiles WHERE environment_id = ?1 AND profile_id = ?2")?
+        .exists(params![environment_id, profile_id])?;
+    Ok(exists.then(|| profile_id.to_owned()))
+}
+
+/// `"<micros>:<event_id>"` as handed out in `next_before`; no cursor means "from the newest".
+fn parse_event_cursor(cursor: Option<&str>) -> (i64, String) {
+    cursor
+        .and_then(|cursor| cursor.split_once(':'))
+        .and_then(|(micros, event_id)| micros.parse::<i64>().ok().map(|micros| (micros, event_id.to_owned())))
+        .unwrap_or((i64::MAX, String::new()))
+}
+
+fn parse_object(text: &str, owner: &str) -> StoreResult<Map<String, Value>> {
+    serde_json::from_str(text)
+        .map_err(|error| StoreError::Corrupt(format!("event {owner} has unreadable JSON: {error}")))
 }
 
 fn environment_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<EnvironmentRecord> {
@@ -629,15 +829,125 @@ impl Store for SqliteStore {
         &self,
         environment_id: EnvironmentId,
         commands: Vec<IdentifyCommand>,
-        limits: Limits,
+        policy: WritePolicy,
     ) -> StoreResult<Vec<ItemResult>> {
         self.write(move |connection| {
             let received_at = now();
             let mut tx = SqliteIdentityTx { connection };
             commands
                 .iter()
-                .map(|command| apply_identify(&mut tx, environment_id, command, &limits, received_at))
+                .map(|command| apply_identify(&mut tx, environment_id, command, &policy, received_at))
                 .collect()
+        })
+        .await
+    }
+
+    async fn track(
+        &self,
+        environment_id: EnvironmentId,
+        commands: Vec<TrackCommand>,
+        policy: WritePolicy,
+    ) -> StoreResult<Vec<TrackResult>> {
+        self.write(move |connection| {
+            let received_at = now();
+            let mut tx = SqliteIdentityTx { connection };
+            commands.iter().map(|command| apply_track(&mut tx, environment_id, command, &policy, received_at)).collect()
+        })
+        .await
+    }
+
+    async fn profile_events(
+        &self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        before: Option<String>,
+        limit: usize,
+    ) -> StoreResult<Option<EventPage>> {
+        let profile_id = profile_id.to_owned();
+        self.read(move |connection| {
+            let Some(current_id) = current_profile_id(connection, environment_id, &profile_id)? else {
+                return Ok(None);
+            };
+            let (before_micros, before_event_id) = parse_event_cursor(before.as_deref());
+            let fetch = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+            let mut statement = connection.prepare_cached(
+                "SELECT event_id, profile_id, distinct_id, anonymous_id, event, properties, timestamp, received_at, \
+                 identity_traits FROM events WHERE environment_id = ?1 AND profile_id = ?2 \
+                 AND (timestamp, event_id) < (?3, ?4) ORDER BY timestamp DESC, event_id DESC LIMIT ?5",
+            )?;
+            let rows = statement
+                .query_map(params![environment_id, current_id, before_micros, before_event_id, fetch], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, Option<String>>(2)?,
+                        row.get::<_, Option<String>>(3)?,
+                        row.get::<_, String>(4)?,
+                        row.get::<_, String>(5)?,
+                        row.get::<_, i64>(6)?,
+                        row.get::<_, i64>(7)?,
+                        row.get::<_, String>(8)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            let has_more = rows.len() > limit;
+            let mut events = Vec::with_capacity(rows.len().min(limit));
+            for (event_id, profile_id, distinct_id, anonymous_id, event, properties, timestamp, received_at, traits) in
+                rows.into_iter().take(limit)
+            {
+                events.push(StoredEvent {
+                    properties: parse_object(&properties, &event_id)?,
+                    identity_traits: parse_object(&traits, &event_id)?,
+                    event_id,
+                    profile_id,
+                    distinct_id,
+                    anonymous_id,
+                    event,
+                    timestamp: Timestamp::from_micros(timestamp),
+                    received_at: Timestamp::from_micros(received_at),
+                });
+            }
+            let next_before = if has_more {
+                events.last().map(|event| format!("{}:{}", event.timestamp.as_micros(), event.event_id))
+            } else {
+                None
+            };
+            Ok(Some(EventPage { events, next_before }))
+        })
+        .await
+    }
+
+    async fn query(&self, environment_id: EnvironmentId, sql: &str, bounds: QueryBounds) -> StoreResult<QueryOutput> {
+        let sql = sql.to_owned();
+        let readers = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || {
+            let mut connection = readers.take_query()?;
+            let result = connection.run(environment_id, &sql, &bounds);
+            readers.give_back_query(connection);
+            result
+        })
+        .await
+        .map_err(|error| StoreError::Database(format!("query task failed: {error}")))?
+    }
+
+    async fn purge_expired(&self, messages_before: Timestamp, history_before: Option<Timestamp>) -> StoreResult<usize> {
+        self.write(move |connection| {
+            // Bounded per call so a purge never holds the writer for long; the caller repeats.
+            let mut removed = connection
+                .prepare_cached(
+                    "DELETE FROM message_ids WHERE (environment_id, message_id) IN \
+                     (SELECT environment_id, message_id FROM message_ids WHERE received_at < ?1 LIMIT 10000)",
+                )?
+                .execute([messages_before.as_micros()])?;
+            if let Some(history_before) = history_before {
+                removed += connection
+                    .prepare_cached(
+                        "DELETE FROM trait_history WHERE rowid IN \
+                         (SELECT rowid FROM trait_history WHERE recorded_at < ?1 LIMIT 10000)",
+                    )?
+                    .execute([history_before.as_micros()])?;
+            }
+            Ok(removed)
         })
         .await
     }
@@ -645,13 +955,9 @@ impl Store for SqliteStore {
     async fn profile(&self, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<Option<Profile>> {
         let profile_id = profile_id.to_owned();
         self.read(move |connection| {
-            let forwarded: Option<String> = connection
-                .prepare_cached(
-                    "SELECT profile_id FROM profile_forwards WHERE environment_id = ?1 AND old_profile_id = ?2",
-                )?
-                .query_row(params![environment_id, profile_id], |row| row.get(0))
-                .optional()?;
-            let current_id = forwarded.unwrap_or(profile_id);
+            let Some(current_id) = current_profile_id(connection, environment_id, &profile_id)? else {
+                return Ok(None);
+            };
             load_row(connection, environment_id, &current_id)?.map(|row| row.into_profile(connection)).transpose()
         })
         .await
