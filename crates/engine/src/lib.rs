@@ -145,12 +145,19 @@ pub struct Engine {
     /// Keys → environments, rebuilt after every key change; readers clone the `Arc` and never
     /// hold the lock while working.
     key_index: RwLock<Arc<KeyIndex>>,
+    /// Serialises key changes with their reload, so a slower reload never installs an older index.
+    key_changes: tokio::sync::Mutex<()>,
 }
 
 impl Engine {
     /// Builds the engine over `store`, loading the environment keys.
     pub async fn new(store: Arc<dyn Store>, config: EngineConfig) -> EngineResult<Self> {
-        let engine = Engine { store, config, key_index: RwLock::new(Arc::new(KeyIndex::default())) };
+        let engine = Engine {
+            store,
+            config,
+            key_index: RwLock::new(Arc::new(KeyIndex::default())),
+            key_changes: tokio::sync::Mutex::new(()),
+        };
         engine.reload_keys().await?;
         Ok(engine)
     }
@@ -165,6 +172,7 @@ impl Engine {
         if self.store.admin_token_hash().await?.is_some() {
             return Ok(None);
         }
+        let _serialised = self.key_changes.lock().await;
         let admin_token = keys::generate_admin_token();
         let (new_environment, environment_keys) = keys::new_environment(DEFAULT_ENVIRONMENT_SLUG, "Development", now());
         let created = self.store.bootstrap(new_environment, keys::hash_secret(&admin_token)).await?;
@@ -185,6 +193,7 @@ impl Engine {
     ) -> EngineResult<EnvironmentKeys> {
         principal.require_admin()?;
         keys::validate_slug(slug)?;
+        let _serialised = self.key_changes.lock().await;
         let (new_environment, environment_keys) = keys::new_environment(slug, name.unwrap_or(slug), now());
         match self.store.create_environment(new_environment).await {
             Ok(_) => {}
@@ -201,6 +210,7 @@ impl Engine {
     /// Issues new client and server keys for an environment; the old ones stop working at once.
     pub async fn rotate_keys(&self, principal: &Principal, slug: &str) -> EngineResult<EnvironmentKeys> {
         principal.require_admin()?;
+        let _serialised = self.key_changes.lock().await;
         let (client_key, server_key) = (keys::generate_client_key(), keys::generate_server_key());
         let replaced =
             self.store.replace_environment_keys(slug, client_key.clone(), keys::hash_secret(&server_key)).await?;
@@ -239,8 +249,9 @@ impl Engine {
         let received_at = now();
         let mut results: Vec<Option<Result<IdentifyOutcome, FieldError>>> = Vec::with_capacity(items.len());
         let mut commands = Vec::with_capacity(items.len());
-        for item in items {
-            match item.and_then(|input| self.identify_command(environment, input, received_at)) {
+        for (index, item) in items.into_iter().enumerate() {
+            let default_time = nth_receive_time(received_at, index);
+            match item.and_then(|input| self.identify_command(environment, input, default_time)) {
                 Ok(command) => {
                     commands.push(command);
                     results.push(None);
@@ -288,7 +299,7 @@ impl Engine {
         let received_at = now();
         let mut results: Vec<Option<Result<TrackOutcome, FieldError>>> = Vec::with_capacity(items.len());
         let mut commands = Vec::with_capacity(items.len());
-        for item in items {
+        for (index, item) in items.into_iter().enumerate() {
             let command = item.and_then(|input| {
                 check_environment(environment, input.environment.as_deref())?;
                 TrackCommand::new(
@@ -296,7 +307,7 @@ impl Engine {
                     input.anonymous_id,
                     input.event,
                     input.properties,
-                    input.timestamp.unwrap_or(received_at),
+                    input.timestamp.unwrap_or(nth_receive_time(received_at, index)),
                     input.message_id,
                     &self.config.limits,
                 )
@@ -420,6 +431,13 @@ impl Engine {
     fn current_keys(&self) -> Arc<KeyIndex> {
         Arc::clone(&self.key_index.read().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
+}
+
+/// The default timestamp of the `index`-th item of a request: one microsecond apart, so items
+/// sent without timestamps keep their order within the request (equal timestamps would be ordered
+/// by value instead).
+fn nth_receive_time(received_at: Timestamp, index: usize) -> Timestamp {
+    Timestamp::from_micros(received_at.as_micros().saturating_add(i64::try_from(index).unwrap_or(i64::MAX)))
 }
 
 /// Refuses an item that names another environment than its key's.

@@ -115,8 +115,13 @@ impl ListQuery {
         if self.filter.trait_equals.is_some() {
             return Err(invalid_parameter("trait", "only one trait filter per request"));
         }
-        if key.is_empty() || key.contains('"') {
-            return Err(invalid_parameter(&format!("trait.{key}"), "trait key must be non-empty and contain no `\"`"));
+        if key.is_empty()
+            || key.chars().any(|character| character == '"' || character == '\\' || character.is_control())
+        {
+            return Err(invalid_parameter(
+                &format!("trait.{key}"),
+                "trait key must be non-empty and contain no `\"`, `\\` or control characters",
+            ));
         }
         // A JSON literal (`30`, `true`, `"30"`) matches by type; anything else is a string.
         let wanted = serde_json::from_str::<Value>(value)
@@ -150,6 +155,12 @@ pub async fn list_profiles(
     let query = ListQuery::parse(query.as_deref())?;
     let slug = environment_slug(&principal);
     if let Some((kind, value)) = &query.identifier {
+        if query.filter.trait_equals.is_some() || query.after.is_some() {
+            return Err(invalid_parameter(
+                kind.as_str(),
+                "is a lookup of one profile; it does not combine with trait filters or paging",
+            ));
+        }
         let found = state.engine.profile_by_identifier(&principal, *kind, value).await?;
         let profiles = found.into_iter().map(|profile| ProfileResponse::new(profile, &slug)).collect();
         return Ok(Json(ProfileListResponse { profiles, next_after: None }));

@@ -391,6 +391,55 @@ pub async fn track_only_distinct_id_is_not_identified_and_merges_at_login(store:
     );
 }
 
+pub async fn a_track_only_profile_becomes_the_new_users_at_login(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    let device = record(store, environment_id, track(Some("device-2"), None, "Opened App", 1)).await;
+    let login = store
+        .identify(
+            environment_id,
+            vec![command(Some("u2"), Some("device-2"), json!({ "plan": "free" }), 2)],
+            WritePolicy::default(),
+        )
+        .await
+        .unwrap();
+    let outcome = login[0].as_ref().unwrap();
+    assert_eq!(outcome.profile_id, device.profile_id, "the device's profile is the user's now");
+    assert!(outcome.merged_profile_ids.is_empty());
+    let profile = profile_of(store, environment_id, IdentifierKind::UserId, "u2").await;
+    assert!(profile.identified);
+    assert_eq!(profile.anonymous_ids, vec!["device-2".to_owned()], "the old distinct id is kept as a device id");
+    assert!(store.profile_by_identifier(environment_id, IdentifierKind::UserId, "device-2").await.unwrap().is_none());
+    let output = sql(store, environment_id, "SELECT distinct_id FROM events").await;
+    assert_eq!(output.rows, vec![vec![json!("u2")]]);
+    // A late pre-login event, sent with the device id after login, still lands on the user.
+    let late = record(store, environment_id, track(Some("device-2"), None, "Late", 3)).await;
+    assert_eq!(late.profile_id, device.profile_id);
+}
+
+pub async fn an_identify_and_a_track_may_share_a_message_id(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    let identify_command =
+        command(Some("u1"), None, json!({}), 1).with_message_id(Some("m".into()), &Limits::default()).unwrap();
+    store.identify(environment_id, vec![identify_command], WritePolicy::default()).await.unwrap();
+    let mut event = track(Some("u1"), None, "Paid", 2);
+    event.message_id = Some("m".into());
+    let outcome = record(store, environment_id, event).await;
+    assert!(!outcome.duplicate);
+    assert!(!outcome.event_id.is_empty());
+}
+
+pub async fn deletes_of_unknown_traits_count_towards_the_profile_size(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    let policy =
+        WritePolicy { limits: Limits { max_profile_bytes: 200, ..Limits::default() }, ..WritePolicy::default() };
+    let deletes: Map<String, Value> = (0..50).map(|index| (format!("made_up_{index}"), Value::Null)).collect();
+    let results = store
+        .identify(environment_id, vec![command(Some("u1"), None, Value::Object(deletes), 1)], policy)
+        .await
+        .unwrap();
+    assert_eq!(results[0].as_ref().unwrap_err().code, ErrorCode::ProfileTooLarge);
+}
+
 pub async fn anonymous_events_follow_the_profile_when_it_is_identified(store: &dyn Store) {
     let environment_id = new_environment(store, "production").await;
     record(store, environment_id, track(None, Some("anon-7"), "Landing", 1)).await;
@@ -599,6 +648,9 @@ macro_rules! store_contract_suite {
             event_pages_walk_back_in_time_without_overlap,
             track_only_distinct_id_is_not_identified_and_merges_at_login,
             anonymous_events_follow_the_profile_when_it_is_identified,
+            a_track_only_profile_becomes_the_new_users_at_login,
+            an_identify_and_a_track_may_share_a_message_id,
+            deletes_of_unknown_traits_count_towards_the_profile_size,
             resent_message_ids_are_applied_once,
             trait_history_records_winning_changes_only,
             the_seed_queries_run_as_written,

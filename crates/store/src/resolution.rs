@@ -158,7 +158,8 @@ pub fn apply_identify(
     policy: &WritePolicy,
     received_at: Timestamp,
 ) -> Result<Result<IdentifyOutcome, FieldError>, StoreError> {
-    if let Some(seen) = already_seen(tx, environment_id, command.message_id.as_deref(), policy, received_at)? {
+    let message_key = command.message_id.as_deref().map(|id| message_key(Operation::Identify, id));
+    if let Some(seen) = already_seen(tx, environment_id, message_key.as_deref(), policy, received_at)? {
         return Ok(Ok(IdentifyOutcome {
             profile_id: seen.profile_id,
             created: false,
@@ -219,10 +220,13 @@ pub fn apply_identify(
     profile.updated_at = received_at;
 
     let traits_json = profile.traits.live_values_json();
-    if let Err(violation) = policy.limits.validate_profile(profile.traits.live_count(), traits_json.len()) {
+    let trait_timestamps_json = profile.traits.timestamps_json();
+    // Tombstones count towards the stored size, so deletes of made-up keys cannot grow a profile
+    // without bound.
+    let stored_bytes = traits_json.len() + trait_timestamps_json.len();
+    if let Err(violation) = policy.limits.validate_profile(profile.traits.live_count(), stored_bytes) {
         return Ok(Err(violation));
     }
-    let trait_timestamps_json = profile.traits.timestamps_json();
 
     let write = ProfileWrite { profile: &profile, traits_json, trait_timestamps_json };
     if created {
@@ -264,9 +268,9 @@ pub fn apply_identify(
     if !changes.is_empty() {
         tx.record_trait_changes(environment_id, target_id, &changes_json(&changes), received_at)?;
     }
-    if let Some(message_id) = &command.message_id {
+    if let Some(message_key) = &message_key {
         let seen = SeenMessage { received_at, profile_id: profile.profile_id.clone(), event_id: None };
-        tx.put_message(environment_id, message_id, &seen)?;
+        tx.put_message(environment_id, message_key, &seen)?;
     }
 
     Ok(Ok(IdentifyOutcome {
@@ -288,7 +292,8 @@ pub fn apply_track(
     policy: &WritePolicy,
     received_at: Timestamp,
 ) -> Result<Result<TrackOutcome, FieldError>, StoreError> {
-    if let Some(seen) = already_seen(tx, environment_id, command.message_id.as_deref(), policy, received_at)? {
+    let message_key = command.message_id.as_deref().map(|id| message_key(Operation::Track, id));
+    if let Some(seen) = already_seen(tx, environment_id, message_key.as_deref(), policy, received_at)? {
         return Ok(Ok(TrackOutcome {
             event_id: seen.event_id.unwrap_or_default(),
             profile_id: seen.profile_id,
@@ -296,7 +301,11 @@ pub fn apply_track(
         }));
     }
     let found = match (&command.user_id, &command.anonymous_id) {
-        (Some(user_id), _) => tx.find_by_identifier(environment_id, IdentifierKind::UserId, user_id)?,
+        // A pre-login distinct id that arrives after login is an anonymous id of the user by now.
+        (Some(user_id), _) => match tx.find_by_identifier(environment_id, IdentifierKind::UserId, user_id)? {
+            Some(profile) => Some(profile),
+            None => tx.find_by_identifier(environment_id, IdentifierKind::AnonymousId, user_id)?,
+        },
         (None, Some(anonymous_id)) => find_anonymous(tx, environment_id, anonymous_id)?,
         (None, None) => None,
     };
@@ -319,10 +328,10 @@ pub fn apply_track(
             identity_traits_json: &identity_traits_json,
         },
     )?;
-    if let Some(message_id) = &command.message_id {
+    if let Some(message_key) = &message_key {
         let seen =
             SeenMessage { received_at, profile_id: profile.profile_id.clone(), event_id: Some(event_id.clone()) };
-        tx.put_message(environment_id, message_id, &seen)?;
+        tx.put_message(environment_id, message_key, &seen)?;
     }
     Ok(Ok(TrackOutcome { event_id, profile_id: profile.profile_id, duplicate: false }))
 }
@@ -349,6 +358,20 @@ fn create_unidentified(
         (None, None) => {}
     }
     Ok(profile)
+}
+
+/// The operations message ids are deduplicated within: an identify and a track that share an id are
+/// two messages.
+enum Operation {
+    Identify,
+    Track,
+}
+
+fn message_key(operation: Operation, message_id: &str) -> String {
+    match operation {
+        Operation::Identify => format!("identify:{message_id}"),
+        Operation::Track => format!("track:{message_id}"),
+    }
 }
 
 /// A message id applied within the dedup window, if any.

@@ -26,3 +26,45 @@ fn init_prints_credentials_as_json_once() {
     assert!(!again.status.success(), "a second init must not mint new credentials");
     assert!(String::from_utf8_lossy(&again.stderr).contains("already initialised"));
 }
+
+#[test]
+fn query_reads_a_data_directory_directly() {
+    let data_directory = tempfile::tempdir().unwrap();
+    let init = Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["init", "--json", "--data-dir"])
+        .arg(data_directory.path())
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+    let table = Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["query", "SELECT count(*) AS profiles, 'x' AS label FROM identities", "--data-dir"])
+        .arg(data_directory.path())
+        .output()
+        .unwrap();
+    assert!(table.status.success(), "{}", String::from_utf8_lossy(&table.stderr));
+    assert_eq!(String::from_utf8_lossy(&table.stdout), "profiles | label\n---------+------\n0        | x\n(1 row)\n");
+    let refused = Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["query", "DELETE FROM identities", "--data-dir"])
+        .arg(data_directory.path())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("read-only"));
+}
+
+#[tokio::test]
+async fn query_asks_a_running_server() {
+    let server = crate::common::TestServer::start().await;
+    server.identify(serde_json::json!({ "distinct_id": "u_1", "traits": { "plan": "pro" } })).await;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["query", "SELECT distinct_id, traits->>'plan' AS plan FROM identities", "--format", "json", "--url"])
+        .arg(&server.base_url)
+        .arg("--key")
+        .arg(&server.keys.server_key)
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(answer["rows"], serde_json::json!([["u_1", "pro"]]));
+}

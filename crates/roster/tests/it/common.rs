@@ -24,11 +24,13 @@ impl TestServer {
     }
 
     pub async fn start_with(limits: Limits, config: ServerConfig) -> Self {
+        TestServer::start_with_config(EngineConfig { limits, ..EngineConfig::default() }, config).await
+    }
+
+    pub async fn start_with_config(engine_config: EngineConfig, config: ServerConfig) -> Self {
         let data_directory = tempfile::tempdir().expect("temp dir");
         let store = SqliteStore::open(data_directory.path()).expect("open store");
-        let engine = Arc::new(
-            Engine::new(Arc::new(store), EngineConfig { limits, ..EngineConfig::default() }).await.expect("engine"),
-        );
+        let engine = Arc::new(Engine::new(Arc::new(store), engine_config).await.expect("engine"));
         let credentials = engine.bootstrap_if_empty().await.expect("bootstrap").expect("fresh store bootstraps");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base_url = format!("http://{}", listener.local_addr().expect("address"));

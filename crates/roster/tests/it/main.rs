@@ -7,5 +7,7 @@ mod auth;
 mod bad_input;
 mod cli;
 mod crash;
+mod events;
 mod identify;
 mod profiles;
+mod query;
