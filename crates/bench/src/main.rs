@@ -2,6 +2,9 @@
 //! store, and, in the same run, a bare SQLite program doing the equivalent durable upserts, so the
 //! ratio between them is measured on the same machine at the same moment.
 //!
+//! `roster-bench query` measures SQL on the embedded store: a group-by over many identities and a
+//! user's latest events among many events.
+//!
 //! Run: `cargo run --release -p roster-bench -- --help`. Not a test: it prints figures and compares
 //! them with the targets in DESIGN.md; it fails only if something errors.
 
@@ -17,7 +20,36 @@ use roster_store::SqliteStore;
 use serde_json::json;
 
 #[derive(Debug, Parser)]
-#[command(about = "Identify ingest benchmark: Roster over HTTP vs bare SQLite upserts")]
+#[command(about = "Roster benchmarks: identify/track ingest over HTTP vs bare SQLite, and SQL on the embedded store")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Option<Bench>,
+    #[command(flatten)]
+    ingest: Options,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Bench {
+    /// Ingest (the default): batched identify, batched track, single sync identify, bare SQLite.
+    Ingest,
+    /// SQL: GROUP BY over identities, a user's last 50 events.
+    Query(QueryOptions),
+}
+
+#[derive(Debug, clap::Args)]
+struct QueryOptions {
+    /// Identities loaded before measuring.
+    #[arg(long, default_value_t = 1_000_000)]
+    identities: usize,
+    /// Events loaded before measuring (spread over the identities).
+    #[arg(long, default_value_t = 10_000_000)]
+    events: usize,
+    /// Per-user lookups measured.
+    #[arg(long, default_value_t = 200)]
+    lookups: usize,
+}
+
+#[derive(Debug, clap::Args)]
 struct Options {
     /// Identifies sent in the batched-ingest phase (and upserted by the bare SQLite baseline).
     #[arg(long, default_value_t = 200_000)]
@@ -40,7 +72,12 @@ struct Options {
 }
 
 fn main() -> anyhow::Result<()> {
-    let options = Options::parse();
+    let cli = Cli::parse();
+    if let Some(Bench::Query(options)) = &cli.bench {
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        return runtime.block_on(query_bench(options));
+    }
+    let options = cli.ingest;
     if options.batch_size == 0 || options.clients == 0 || options.users == 0 {
         bail!("--batch-size, --clients and --users must be positive");
     }
@@ -48,7 +85,7 @@ fn main() -> anyhow::Result<()> {
     let bare = bare_sqlite_upserts(&options)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let store_only = runtime.block_on(store_phase(&options))?;
-    let (batched, single) = runtime.block_on(roster_phases(&options))?;
+    let (batched, tracked, single) = runtime.block_on(roster_phases(&options))?;
 
     println!();
     println!("== results ==");
@@ -60,6 +97,10 @@ fn main() -> anyhow::Result<()> {
     );
     println!("ratio roster / bare sqlite:                   {:>10.2}   (target ≥ 0.50)", batched.per_second / bare);
     println!("target 100k identifies/s batched:             {}", verdict(batched.per_second >= 100_000.0));
+    println!(
+        "roster batched track over HTTP:               {:>10.0} events/s      (request p50 {:.2} ms, p99 {:.2} ms)",
+        tracked.per_second, tracked.p50_ms, tracked.p99_ms
+    );
     println!(
         "single sync=true identify at {}/s offered:    achieved {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (target p99 < 2 ms: {})",
         options.single_rate,
@@ -195,7 +236,7 @@ async fn store_phase(options: &Options) -> anyhow::Result<f64> {
     Ok(options.identifies as f64 / elapsed.as_secs_f64())
 }
 
-async fn roster_phases(options: &Options) -> anyhow::Result<(Figures, Figures)> {
+async fn roster_phases(options: &Options) -> anyhow::Result<(Figures, Figures, Figures)> {
     let directory = tempfile::tempdir()?;
     let store = SqliteStore::open(directory.path())?;
     let engine = Arc::new(Engine::new(Arc::new(store), EngineConfig::default()).await?);
@@ -206,9 +247,16 @@ async fn roster_phases(options: &Options) -> anyhow::Result<(Figures, Figures)> 
     tokio::spawn(roster_server::serve(listener, engine, ServerConfig::default(), std::future::pending()));
     let http = reqwest::Client::builder().pool_max_idle_per_host(1024).build()?;
 
-    let batched = batched_phase(options, &http, &base_url, &client_key).await?;
+    let batched = batched_phase(options, &http, &base_url, &client_key, "/identify", |index, user| {
+        json!({ "distinct_id": user, "traits": traits_of(index) })
+    })
+    .await?;
+    let tracked = batched_phase(options, &http, &base_url, &client_key, "/track", |index, user| {
+        json!({ "event": "Page Viewed", "distinct_id": user, "properties": { "path": format!("/page/{}", index % 100), "n": index } })
+    })
+    .await?;
     let single = single_phase(options, &http, &base_url, &client_key).await?;
-    Ok((batched, single))
+    Ok((batched, tracked, single))
 }
 
 async fn batched_phase(
@@ -216,6 +264,8 @@ async fn batched_phase(
     http: &reqwest::Client,
     base_url: &str,
     client_key: &str,
+    path: &str,
+    item: impl Fn(usize, String) -> serde_json::Value,
 ) -> anyhow::Result<Figures> {
     // Bodies are built before the clock starts: the client's own serialization is not Roster's cost.
     let bodies: Vec<bytes::Bytes> = (0..options.identifies)
@@ -224,14 +274,14 @@ async fn batched_phase(
         .map(|chunk| {
             let batch: Vec<_> = chunk
                 .iter()
-                .map(|index| json!({ "distinct_id": format!("user-{}", index % options.users), "traits": traits_of(*index) }))
+                .map(|index| item(*index, format!("user-{}", index % options.users)))
                 .collect();
             bytes::Bytes::from(serde_json::to_vec(&batch).expect("serialize"))
         })
         .collect();
     let bodies = Arc::new(bodies);
     let next = Arc::new(AtomicUsize::new(0));
-    let url = format!("{base_url}/identify");
+    let url = format!("{base_url}{path}");
     let started = Instant::now();
     let mut clients = Vec::new();
     for _ in 0..options.clients {
@@ -263,7 +313,7 @@ async fn batched_phase(
         latencies.extend(client.await??);
     }
     let elapsed = started.elapsed();
-    println!("roster batched: {} identifies in {:.2?} ({} requests)", options.identifies, elapsed, latencies.len());
+    println!("roster batched {path}: {} items in {:.2?} ({} requests)", options.identifies, elapsed, latencies.len());
     Ok(figures(options.identifies, elapsed, latencies))
 }
 
@@ -322,4 +372,129 @@ async fn single_phase(
     let elapsed = started.elapsed();
     println!("roster single sync=true: {total} identifies in {elapsed:.2?}");
     Ok(figures(total, elapsed, latencies))
+}
+
+/// Loads `identities` profiles and `events` events straight into a fresh store file (setup, not
+/// measured: the same rows the write path produces, written in large unsynchronised
+/// transactions), then measures SQL through the store's query path, views and guards included.
+async fn query_bench(options: &QueryOptions) -> anyhow::Result<()> {
+    use roster_store::{QueryBounds, Store};
+    let directory = tempfile::tempdir()?;
+    let store = SqliteStore::open(directory.path())?;
+    let environment = store
+        .create_environment(roster_store::NewEnvironment {
+            slug: "bench".into(),
+            name: "bench".into(),
+            client_key: "bench".into(),
+            server_key_hash: "bench".into(),
+            created_at: roster_core::Timestamp::from_micros(0),
+        })
+        .await?;
+    let loading = Instant::now();
+    load_rows(store.database_path(), environment.id, options)?;
+    println!("loaded {} identities and {} events in {:.2?}", options.identities, options.events, loading.elapsed());
+    let bounds = QueryBounds { timeout: Duration::from_secs(60), max_rows: 100_000 };
+
+    let group_by = "SELECT traits->>'plan' AS plan, count(*) AS identities FROM identities GROUP BY traits->>'plan' ORDER BY 2 DESC";
+    let mut group_by_times = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let output = store.query(environment.id, group_by, bounds.clone()).await?;
+        group_by_times.push(started.elapsed());
+        if group_by_times.len() == 1 {
+            println!("group-by answer: {:?}", output.rows);
+        }
+    }
+    let mut lookup_times = Vec::new();
+    for lookup in 0..options.lookups {
+        let user = (lookup * 7919) % options.identities;
+        let sql = format!(
+            "SELECT e.event, e.properties, e.timestamp, e.identity_traits->>'plan' AS plan FROM events e \
+             WHERE e.distinct_id = 'user-{user}' ORDER BY e.timestamp DESC LIMIT 50"
+        );
+        let started = Instant::now();
+        let output = store.query(environment.id, &sql, bounds.clone()).await?;
+        lookup_times.push(started.elapsed());
+        if output.rows.is_empty() {
+            bail!("user-{user} has no events");
+        }
+    }
+    group_by_times.sort();
+    lookup_times.sort();
+    let group_by_median = percentile(&group_by_times, 0.5);
+    let lookup_p50 = percentile(&lookup_times, 0.5);
+    let lookup_p99 = percentile(&lookup_times, 0.99);
+    println!();
+    println!("== results ==");
+    println!(
+        "GROUP BY traits->>'plan' over {} identities: median {:.1} ms (target < 1000 ms: {})",
+        options.identities,
+        group_by_median,
+        verdict(group_by_median < 1000.0)
+    );
+    println!(
+        "a user's last 50 events among {} events: p50 {:.2} ms, p99 {:.2} ms (target < 10 ms: {})",
+        options.events,
+        lookup_p50,
+        lookup_p99,
+        verdict(lookup_p99 < 10.0)
+    );
+    Ok(())
+}
+
+fn load_rows(database: &std::path::Path, environment_id: i64, options: &QueryOptions) -> anyhow::Result<()> {
+    let connection = rusqlite::Connection::open(database)?;
+    connection.execute_batch("PRAGMA synchronous = OFF; PRAGMA cache_size = -262144;")?;
+    let plans = ["free", "starter", "pro", "team", "enterprise"];
+    let profile_id = |user: usize| format!("00000000-0000-7000-8000-{user:012}");
+    for chunk_start in (0..options.identities).step_by(100_000) {
+        let transaction = connection.unchecked_transaction()?;
+        {
+            let mut profile = transaction.prepare(
+                "INSERT INTO profiles (environment_id, profile_id, user_id, identified, traits, trait_timestamps, created_at, updated_at) \
+                 VALUES (?1, ?2, ?3, 1, ?4, ?5, 0, 0)",
+            )?;
+            let mut identifier = transaction
+                .prepare("INSERT INTO identifiers (environment_id, kind, value, profile_id) VALUES (?1, 'user_id', ?2, ?3)")?;
+            for user in chunk_start..(chunk_start + 100_000).min(options.identities) {
+                let traits = json!({ "plan": plans[user % plans.len()], "seats": user % 50, "email": format!("user{user}@example.com") });
+                let timestamps = json!({ "plan": 1, "seats": 1, "email": 1 });
+                profile.execute(rusqlite::params![
+                    environment_id,
+                    profile_id(user),
+                    format!("user-{user}"),
+                    traits.to_string(),
+                    timestamps.to_string()
+                ])?;
+                identifier.execute(rusqlite::params![environment_id, format!("user-{user}"), profile_id(user)])?;
+            }
+        }
+        transaction.commit()?;
+    }
+    for chunk_start in (0..options.events).step_by(200_000) {
+        let transaction = connection.unchecked_transaction()?;
+        {
+            let mut event = transaction.prepare(
+                "INSERT INTO events (environment_id, event_id, profile_id, distinct_id, anonymous_id, event, properties, \
+                 timestamp, received_at, identity_traits, message_id) VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?6, ?7, ?7, ?8, NULL)",
+            )?;
+            for index in chunk_start..(chunk_start + 200_000).min(options.events) {
+                let user = index % options.identities;
+                let traits = json!({ "plan": plans[user % plans.len()], "email": format!("user{user}@example.com") });
+                event.execute(rusqlite::params![
+                    environment_id,
+                    format!("00000000-0000-7000-9000-{index:012}"),
+                    profile_id(user),
+                    format!("user-{user}"),
+                    if index % 3 == 0 { "Page Viewed" } else { "Clicked" },
+                    json!({ "n": index }).to_string(),
+                    i64::try_from(index).unwrap_or(i64::MAX) * 1_000,
+                    traits.to_string(),
+                ])?;
+            }
+        }
+        transaction.commit()?;
+    }
+    connection.execute_batch("ANALYZE;")?;
+    Ok(())
 }
