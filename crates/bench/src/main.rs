@@ -247,9 +247,14 @@ async fn roster_phases(options: &Options) -> anyhow::Result<(Figures, Figures, F
     tokio::spawn(roster_server::serve(listener, engine, ServerConfig::default(), std::future::pending()));
     let http = reqwest::Client::builder().pool_max_idle_per_host(1024).build()?;
 
-    let batched = batched_phase(options, &http, &base_url, &client_key, "/identify", |index, user| {
-        json!({ "distinct_id": user, "traits": traits_of(index) })
-    })
+    let batched = batched_phase(
+        options,
+        &http,
+        &base_url,
+        &client_key,
+        "/identify",
+        |index, user| json!({ "distinct_id": user, "traits": traits_of(index) }),
+    )
     .await?;
     let tracked = batched_phase(options, &http, &base_url, &client_key, "/track", |index, user| {
         json!({ "event": "Page Viewed", "distinct_id": user, "properties": { "path": format!("/page/{}", index % 100), "n": index } })
@@ -272,10 +277,8 @@ async fn batched_phase(
         .collect::<Vec<_>>()
         .chunks(options.batch_size)
         .map(|chunk| {
-            let batch: Vec<_> = chunk
-                .iter()
-                .map(|index| item(*index, format!("user-{}", index % options.users)))
-                .collect();
+            let batch: Vec<_> =
+                chunk.iter().map(|index| item(*index, format!("user-{}", index % options.users))).collect();
             bytes::Bytes::from(serde_json::to_vec(&batch).expect("serialize"))
         })
         .collect();
@@ -407,7 +410,7 @@ async fn query_bench(options: &QueryOptions) -> anyhow::Result<()> {
     }
     let mut lookup_times = Vec::new();
     for lookup in 0..options.lookups {
-        let user = (lookup * 7919) % options.identities;
+        let user = (lookup * 7919) % options.identities.min(options.events);
         let sql = format!(
             "SELECT e.event, e.properties, e.timestamp, e.identity_traits->>'plan' AS plan FROM events e \
              WHERE e.distinct_id = 'user-{user}' ORDER BY e.timestamp DESC LIMIT 50"
@@ -454,8 +457,9 @@ fn load_rows(database: &std::path::Path, environment_id: i64, options: &QueryOpt
                 "INSERT INTO profiles (environment_id, profile_id, user_id, identified, traits, trait_timestamps, created_at, updated_at) \
                  VALUES (?1, ?2, ?3, 1, ?4, ?5, 0, 0)",
             )?;
-            let mut identifier = transaction
-                .prepare("INSERT INTO identifiers (environment_id, kind, value, profile_id) VALUES (?1, 'user_id', ?2, ?3)")?;
+            let mut identifier = transaction.prepare(
+                "INSERT INTO identifiers (environment_id, kind, value, profile_id) VALUES (?1, 'user_id', ?2, ?3)",
+            )?;
             for user in chunk_start..(chunk_start + 100_000).min(options.identities) {
                 let traits = json!({ "plan": plans[user % plans.len()], "seats": user % 50, "email": format!("user{user}@example.com") });
                 let timestamps = json!({ "plan": 1, "seats": 1, "email": 1 });

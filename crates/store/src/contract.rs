@@ -500,6 +500,29 @@ pub async fn trait_history_records_winning_changes_only(store: &dyn Store) {
     );
 }
 
+pub async fn expired_message_ids_and_history_are_purged(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    let tagged = |micros| {
+        command(Some("u1"), None, json!({ "plan": format!("p{micros}") }), micros)
+            .with_message_id(Some("m-1".into()), &Limits::default())
+            .unwrap()
+    };
+    store.identify(environment_id, vec![tagged(1)], WritePolicy::default()).await.unwrap();
+    let count = |output: QueryOutput| output.rows[0][0].clone();
+    assert_eq!(count(sql(store, environment_id, "SELECT count(*) FROM trait_changes").await), json!(1));
+
+    // Nothing is older than the epoch: nothing goes.
+    assert_eq!(store.purge_expired(at(0), Some(at(0))).await.unwrap(), 0);
+    let far_future = Timestamp::from_micros(i64::MAX);
+    assert!(store.purge_expired(far_future, Some(far_future)).await.unwrap() >= 2);
+    assert_eq!(count(sql(store, environment_id, "SELECT count(*) FROM trait_changes").await), json!(0));
+    let resent = store.identify(environment_id, vec![tagged(2)], WritePolicy::default()).await.unwrap();
+    assert!(!resent[0].as_ref().unwrap().duplicate, "a purged message id counts as new");
+    // Without a history retention, history stays.
+    store.purge_expired(far_future, None).await.unwrap();
+    assert_eq!(count(sql(store, environment_id, "SELECT count(*) FROM trait_changes").await), json!(1));
+}
+
 pub async fn the_seed_queries_run_as_written(store: &dyn Store) {
     let environment_id = new_environment(store, "production").await;
     identify(
@@ -654,6 +677,7 @@ macro_rules! store_contract_suite {
             resent_message_ids_are_applied_once,
             trait_history_records_winning_changes_only,
             the_seed_queries_run_as_written,
+            expired_message_ids_and_history_are_purged,
             queries_see_only_their_environment,
             queries_refuse_writes_and_escapes,
             queries_stop_at_their_time_and_row_limits,

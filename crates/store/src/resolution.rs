@@ -387,19 +387,26 @@ fn already_seen(
     Ok(tx.find_message(environment_id, message_id)?.filter(|seen| seen.received_at.as_micros() >= window_start))
 }
 
+/// The stored form of one change (serialized straight from the borrowed values).
+#[derive(serde::Serialize)]
+struct StoredChange<'a> {
+    key: &'a str,
+    old: &'a Option<serde_json::Value>,
+    new: &'a Option<serde_json::Value>,
+    at: i64,
+}
+
 fn changes_json(changes: &[TraitChange]) -> String {
-    let entries: Vec<serde_json::Value> = changes
+    let stored: Vec<StoredChange<'_>> = changes
         .iter()
-        .map(|change| {
-            serde_json::json!({
-                "key": change.key,
-                "old": change.old_value,
-                "new": change.new_value,
-                "at": change.updated_at.as_micros(),
-            })
+        .map(|change| StoredChange {
+            key: &change.key,
+            old: &change.old_value,
+            new: &change.new_value,
+            at: change.updated_at.as_micros(),
         })
         .collect();
-    serde_json::Value::Array(entries).to_string()
+    serde_json::to_string(&stored).unwrap_or_else(|_| "[]".to_owned())
 }
 
 /// The profile an identify's `anonymous_id` names: one holding it as an anonymous id, or one

@@ -106,7 +106,6 @@ const MIGRATIONS: &[&str] = &[
         recorded_at INTEGER NOT NULL
     );
     CREATE INDEX trait_history_by_profile ON trait_history (environment_id, profile_id);
-    CREATE INDEX trait_history_by_age ON trait_history (recorded_at);
     CREATE TABLE message_ids (
         environment_id INTEGER NOT NULL,
         message_id TEXT NOT NULL,
@@ -939,8 +938,10 @@ impl Store for SqliteStore {
             if let Some(history_before) = history_before {
                 removed += connection
                     .prepare_cached(
+                        // Rows are appended in recording order by the one writer, so the oldest
+                        // rowids are the oldest records: no index on recorded_at is needed.
                         "DELETE FROM trait_history WHERE rowid IN \
-                         (SELECT rowid FROM trait_history WHERE recorded_at < ?1 LIMIT 10000)",
+                         (SELECT rowid FROM trait_history ORDER BY rowid LIMIT 10000) AND recorded_at < ?1",
                     )?
                     .execute([history_before.as_micros()])?;
             }

@@ -40,7 +40,7 @@ fn views(store: &str) -> String {
     format!(
         "CREATE TEMP VIEW identities AS SELECT \
             p.profile_id AS profile_id, \
-            e.slug AS environment, \
+            roster_environment_slug() AS environment, \
             p.user_id AS distinct_id, \
             (SELECT json_group_array(i.value) FROM {store}.identifiers i WHERE i.environment_id = p.environment_id \
                 AND i.profile_id = p.profile_id AND i.kind = 'anonymous_id') AS anonymous_ids, \
@@ -49,11 +49,11 @@ fn views(store: &str) -> String {
             p.identified AS identified, \
             {created_at} AS created_at, \
             {updated_at} AS updated_at \
-         FROM {store}.profiles p JOIN {store}.environments e ON e.environment_id = p.environment_id \
+         FROM {store}.profiles p \
          WHERE p.environment_id = roster_environment();
          CREATE TEMP VIEW events AS SELECT \
             ev.event_id AS event_id, \
-            e.slug AS environment, \
+            roster_environment_slug() AS environment, \
             ev.profile_id AS profile_id, \
             ev.distinct_id AS distinct_id, \
             ev.anonymous_id AS anonymous_id, \
@@ -62,11 +62,11 @@ fn views(store: &str) -> String {
             {timestamp} AS timestamp, \
             {received_at} AS received_at, \
             ev.identity_traits AS identity_traits \
-         FROM {store}.events ev JOIN {store}.environments e ON e.environment_id = ev.environment_id \
+         FROM {store}.events ev \
          WHERE ev.environment_id = roster_environment();
          CREATE TEMP VIEW trait_changes AS SELECT \
             h.profile_id AS profile_id, \
-            e.slug AS environment, \
+            roster_environment_slug() AS environment, \
             p.user_id AS distinct_id, \
             c.value ->> '$.key' AS key, \
             c.value ->> '$.old' AS old_value, \
@@ -74,7 +74,6 @@ fn views(store: &str) -> String {
             {changed_at} AS timestamp, \
             {recorded_at} AS recorded_at \
          FROM {store}.trait_history h JOIN json_each(h.changes) c \
-         JOIN {store}.environments e ON e.environment_id = h.environment_id \
          LEFT JOIN {store}.profiles p ON p.environment_id = h.environment_id AND p.profile_id = h.profile_id \
          WHERE h.environment_id = roster_environment();",
         created_at = iso_time("p.created_at"),
@@ -91,6 +90,8 @@ pub(super) struct QueryConnection {
     connection: Connection,
     /// The environment `roster_environment()` answers while a query runs.
     environment: Arc<AtomicI64>,
+    /// Its slug, answered by `roster_environment_slug()` (cheaper than joining `environments`).
+    environment_slug: Arc<Mutex<String>>,
     /// The first action the authorizer denied, for the error message.
     denied: Arc<Mutex<Option<String>>>,
     /// The secret schema name the store is attached under.
@@ -114,10 +115,24 @@ impl QueryConnection {
             FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
             move |_| Ok(scope.load(Ordering::Relaxed)),
         )?;
+        let environment_slug: Arc<Mutex<String>> = Arc::default();
+        let slug = Arc::clone(&environment_slug);
+        connection.create_scalar_function(
+            "roster_environment_slug",
+            0,
+            FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+            move |_| Ok(slug.lock().map(|slug| slug.clone()).unwrap_or_default()),
+        )?;
         connection.execute_batch(&views(store_schema))?;
         shadow_store_tables(&connection, store_schema)?;
         connection.execute_batch("PRAGMA query_only = ON;")?;
-        Ok(QueryConnection { connection, environment, denied: Arc::default(), store_schema: store_schema.to_owned() })
+        Ok(QueryConnection {
+            connection,
+            environment,
+            environment_slug,
+            denied: Arc::default(),
+            store_schema: store_schema.to_owned(),
+        })
     }
 
     /// Runs one statement for `environment_id` within `bounds`.
@@ -127,6 +142,12 @@ impl QueryConnection {
         sql: &str,
         bounds: &QueryBounds,
     ) -> StoreResult<QueryOutput> {
+        let slug: String = self.connection.query_row(
+            &format!("SELECT slug FROM {}.environments WHERE environment_id = ?1", self.store_schema),
+            [environment_id],
+            |row| row.get(0),
+        )?;
+        *self.environment_slug.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = slug;
         self.environment.store(environment_id, Ordering::Relaxed);
         *self.denied.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
         let denied = Arc::clone(&self.denied);
