@@ -13,6 +13,9 @@ pub enum IdentifierKind {
     UserId,
     /// A pre-login device or session id. Many per profile.
     AnonymousId,
+    /// The profile's `email` trait, normalised (trimmed, domain lower-cased). At most one per
+    /// profile, and one profile per email.
+    Email,
 }
 
 impl IdentifierKind {
@@ -20,6 +23,7 @@ impl IdentifierKind {
         match self {
             IdentifierKind::UserId => "user_id",
             IdentifierKind::AnonymousId => "anonymous_id",
+            IdentifierKind::Email => "email",
         }
     }
 
@@ -27,6 +31,7 @@ impl IdentifierKind {
         match text {
             "user_id" => Some(IdentifierKind::UserId),
             "anonymous_id" => Some(IdentifierKind::AnonymousId),
+            "email" => Some(IdentifierKind::Email),
             _ => None,
         }
     }
@@ -45,6 +50,8 @@ pub struct IdentifyCommand {
     pub timestamp: Timestamp,
     /// The client's id of this message: a resend with the same id is applied once.
     pub message_id: Option<String>,
+    /// The device the SDK's context names, registered to the profile with this identify.
+    pub device: Option<crate::device::DeviceUpdate>,
 }
 
 impl IdentifyCommand {
@@ -73,7 +80,25 @@ impl IdentifyCommand {
         }
         limits.validate_trait_patch(&traits, "traits")?;
         limits.validate_trait_patch(&traits_set_once, "traits_set_once")?;
-        Ok(IdentifyCommand { user_id, anonymous_id, traits, traits_set_once, timestamp, message_id: None })
+        crate::reserved::validate_reserved_traits(&traits, "traits")?;
+        crate::reserved::validate_reserved_traits(&traits_set_once, "traits_set_once")?;
+        Ok(IdentifyCommand {
+            user_id,
+            anonymous_id,
+            traits,
+            traits_set_once,
+            timestamp,
+            message_id: None,
+            device: None,
+        })
+    }
+
+    /// Registers the device the identify's `context` names (see `DeviceUpdate::from_context`).
+    pub fn with_context(mut self, context: Option<&Map<String, Value>>, limits: &Limits) -> Result<Self, FieldError> {
+        if let Some(context) = context {
+            self.device = crate::device::DeviceUpdate::from_context(context, limits)?;
+        }
+        Ok(self)
     }
 
     /// Sets the message id used to drop resent copies of this message.

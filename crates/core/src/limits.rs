@@ -22,6 +22,10 @@ pub struct Limits {
     pub max_identifier_bytes: usize,
     /// Largest serialized `properties` of one event, in bytes (Segment's 32 KB message limit).
     pub max_event_bytes: usize,
+    /// Most identifiers (user id, anonymous ids, email) one profile may hold.
+    pub max_identifiers_per_profile: usize,
+    /// Most profiles that may be merged into one profile over its life.
+    pub max_merges_per_profile: usize,
 }
 
 impl Default for Limits {
@@ -34,6 +38,8 @@ impl Default for Limits {
             max_profile_bytes: 256 * 1024,
             max_identifier_bytes: 256,
             max_event_bytes: 32 * 1024,
+            max_identifiers_per_profile: 100,
+            max_merges_per_profile: 100,
         }
     }
 }

@@ -46,12 +46,16 @@ pub enum LinkTarget {
 pub enum LinkWarning {
     /// The anonymous id belongs to another identified user; it was not linked and nothing merged.
     AnonymousIdOwnedByOtherUser { anonymous_id: String, owner_profile_id: String },
+    /// The email (trait) is another profile's email identifier: the trait is stored, the
+    /// identifier stays with its owner.
+    EmailOwnedByOtherProfile { email: String, owner_profile_id: String },
 }
 
 impl LinkWarning {
     pub fn code(&self) -> &'static str {
         match self {
             LinkWarning::AnonymousIdOwnedByOtherUser { .. } => "anonymous_id_owned_by_other_user",
+            LinkWarning::EmailOwnedByOtherProfile { .. } => "email_owned_by_other_profile",
         }
     }
 
@@ -60,6 +64,10 @@ impl LinkWarning {
             LinkWarning::AnonymousIdOwnedByOtherUser { anonymous_id, owner_profile_id } => format!(
                 "anonymous_id `{anonymous_id}` belongs to another identified user (profile {owner_profile_id}); \
                  it was not linked and no profiles were merged"
+            ),
+            LinkWarning::EmailOwnedByOtherProfile { email, owner_profile_id } => format!(
+                "email `{email}` is the email identifier of another profile ({owner_profile_id}); the trait was \
+                 stored, the identifier was not moved"
             ),
         }
     }

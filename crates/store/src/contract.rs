@@ -2,10 +2,13 @@
 //! `&dyn Store`; `store_contract_suite!` instantiates all of them as tests for one backend, so a new
 //! backend proves itself by adding one macro call with its own constructor.
 
-use roster_core::{ErrorCode, IdentifierKind, IdentifyCommand, Limits, Timestamp, TrackCommand};
+use roster_core::{DeviceUpdate, ErrorCode, IdentifierKind, IdentifyCommand, Limits, Timestamp, TrackCommand};
 use serde_json::{Map, Value, json};
 
-use crate::{EnvironmentId, NewEnvironment, ProfileFilter, QueryBounds, QueryOutput, Store, StoreError, WritePolicy};
+use crate::{
+    EnvironmentId, NewEnvironment, ProfileFilter, ProfileSelector, QueryBounds, QueryOutput, Store, StoreError,
+    WritePolicy,
+};
 
 fn at(micros: i64) -> Timestamp {
     Timestamp::from_micros(micros)
@@ -254,11 +257,11 @@ pub async fn listing_pages_in_id_order_and_filters_by_typed_trait(store: &dyn St
         identify(
             store,
             environment_id,
-            command(Some(&format!("u{index}")), None, json!({ "plan": plan, "age": 30 }), 1),
+            command(Some(&format!("u{index}")), None, json!({ "plan": plan, "seats": 30 }), 1),
         )
         .await;
     }
-    identify(store, environment_id, command(Some("string-age"), None, json!({ "age": "30" }), 1)).await;
+    identify(store, environment_id, command(Some("string-seats"), None, json!({ "seats": "30" }), 1)).await;
 
     let first = store.list_profiles(environment_id, ProfileFilter::default(), None, 4).await.unwrap();
     assert_eq!(first.profiles.len(), 4);
@@ -275,12 +278,12 @@ pub async fn listing_pages_in_id_order_and_filters_by_typed_trait(store: &dyn St
 
     let pro = ProfileFilter { trait_equals: Some(("plan".into(), json!("pro"))) };
     assert_eq!(store.list_profiles(environment_id, pro, None, 10).await.unwrap().profiles.len(), 3);
-    let numeric_age = ProfileFilter { trait_equals: Some(("age".into(), json!(30))) };
-    assert_eq!(store.list_profiles(environment_id, numeric_age, None, 10).await.unwrap().profiles.len(), 5);
-    let text_age = ProfileFilter { trait_equals: Some(("age".into(), json!("30"))) };
-    let text_matches = store.list_profiles(environment_id, text_age, None, 10).await.unwrap().profiles;
+    let numeric_seats = ProfileFilter { trait_equals: Some(("seats".into(), json!(30))) };
+    assert_eq!(store.list_profiles(environment_id, numeric_seats, None, 10).await.unwrap().profiles.len(), 5);
+    let text_seats = ProfileFilter { trait_equals: Some(("seats".into(), json!("30"))) };
+    let text_matches = store.list_profiles(environment_id, text_seats, None, 10).await.unwrap().profiles;
     assert_eq!(text_matches.len(), 1);
-    assert_eq!(text_matches[0].user_id.as_deref(), Some("string-age"));
+    assert_eq!(text_matches[0].user_id.as_deref(), Some("string-seats"));
 }
 
 pub async fn replaying_a_batch_in_any_order_gives_the_same_profile(store: &dyn Store) {
@@ -630,6 +633,327 @@ pub async fn queries_stop_at_their_time_and_row_limits(store: &dyn Store) {
     assert!(output.truncated);
 }
 
+fn with_device(mut command: IdentifyCommand, context: Value) -> IdentifyCommand {
+    command = command.with_context(context.as_object(), &Limits::default()).expect("valid context");
+    command
+}
+
+fn by_user(user_id: &str) -> ProfileSelector {
+    ProfileSelector::Identifier(IdentifierKind::UserId, user_id.into())
+}
+
+pub async fn email_becomes_a_normalised_identifier_held_by_one_profile(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    let ada =
+        identify(store, environment_id, command(Some("ada"), None, json!({ "email": " Ada@Example.COM " }), 1)).await;
+    let by_email = profile_of(store, environment_id, IdentifierKind::Email, "Ada@example.com").await;
+    assert_eq!(by_email.profile_id, ada);
+    assert_eq!(by_email.email.as_deref(), Some("Ada@example.com"));
+
+    let results = store
+        .identify(
+            environment_id,
+            vec![command(Some("impostor"), None, json!({ "email": "Ada@example.com" }), 2)],
+            WritePolicy::default(),
+        )
+        .await
+        .unwrap();
+    let outcome = results[0].as_ref().unwrap();
+    assert_eq!(outcome.warnings.len(), 1);
+    assert_eq!(outcome.warnings[0].code(), "email_owned_by_other_profile");
+    assert!(outcome.warnings[0].message().contains(&ada));
+    let impostor = profile_of(store, environment_id, IdentifierKind::UserId, "impostor").await;
+    assert_eq!(impostor.traits["email"], json!("Ada@example.com"), "the trait is still stored");
+    assert_eq!(impostor.email, None);
+    assert_eq!(profile_of(store, environment_id, IdentifierKind::Email, "Ada@example.com").await.profile_id, ada);
+
+    // Changing the email moves the identifier; deleting it removes it.
+    identify(store, environment_id, command(Some("ada"), None, json!({ "email": "ada@new.example" }), 3)).await;
+    assert!(
+        store.profile_by_identifier(environment_id, IdentifierKind::Email, "Ada@example.com").await.unwrap().is_none()
+    );
+    assert_eq!(profile_of(store, environment_id, IdentifierKind::Email, "ada@new.example").await.profile_id, ada);
+    identify(store, environment_id, command(Some("ada"), None, json!({ "email": null }), 4)).await;
+    assert!(
+        store.profile_by_identifier(environment_id, IdentifierKind::Email, "ada@new.example").await.unwrap().is_none()
+    );
+}
+
+pub async fn name_is_filled_from_first_and_last_name(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    identify(
+        store,
+        environment_id,
+        command(Some("u1"), None, json!({ "first_name": "Ada", "last_name": "Lovelace" }), 1),
+    )
+    .await;
+    assert_eq!(
+        profile_of(store, environment_id, IdentifierKind::UserId, "u1").await.traits["name"],
+        json!("Ada Lovelace")
+    );
+    identify(store, environment_id, command(Some("u1"), None, json!({ "last_name": "King" }), 2)).await;
+    assert_eq!(profile_of(store, environment_id, IdentifierKind::UserId, "u1").await.traits["name"], json!("Ada King"));
+    identify(store, environment_id, command(Some("u1"), None, json!({ "first_name": "A.", "name": "Countess" }), 3))
+        .await;
+    assert_eq!(profile_of(store, environment_id, IdentifierKind::UserId, "u1").await.traits["name"], json!("Countess"));
+}
+
+pub async fn devices_come_from_context_and_follow_their_current_user(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    let context =
+        json!({ "device": { "token": "tok-1", "type": "ios", "model": "iPhone" }, "network": { "cellular": true } });
+    let alice = identify(store, environment_id, with_device(command(Some("alice"), None, json!({}), 1), context)).await;
+    let profile = profile_of(store, environment_id, IdentifierKind::UserId, "alice").await;
+    assert_eq!(profile.devices.len(), 1);
+    let device = &profile.devices[0];
+    assert_eq!((device.token.as_str(), device.platform.as_deref()), ("tok-1", Some("ios")));
+    assert_eq!(device.attributes["network_cellular"], json!(true));
+    assert_eq!(device.attributes["device_model"], json!("iPhone"));
+    assert!(device.last_used.is_some());
+
+    // Custom attributes merge as a patch; last_status can be set.
+    let update = DeviceUpdate::new(
+        "tok-1".into(),
+        None,
+        traits(json!({ "push_enabled": true, "network_cellular": null })),
+        Some("delivered".into()),
+        &Limits::default(),
+        "",
+    )
+    .unwrap();
+    assert!(store.upsert_device(environment_id, &alice, update).await.unwrap());
+    let device = profile_of(store, environment_id, IdentifierKind::UserId, "alice").await.devices.remove(0);
+    assert_eq!(device.attributes["push_enabled"], json!(true));
+    assert_eq!(device.attributes["device_model"], json!("iPhone"));
+    assert!(!device.attributes.contains_key("network_cellular"));
+    assert_eq!((device.platform.as_deref(), device.last_status.as_deref()), (Some("ios"), Some("delivered")));
+
+    // The phone changes hands: the token moves to the new user.
+    let bob_context = json!({ "device": { "token": "tok-1" } });
+    identify(store, environment_id, with_device(command(Some("bob"), None, json!({}), 2), bob_context)).await;
+    assert!(profile_of(store, environment_id, IdentifierKind::UserId, "alice").await.devices.is_empty());
+    assert_eq!(profile_of(store, environment_id, IdentifierKind::UserId, "bob").await.devices[0].token, "tok-1");
+    let output = sql(store, environment_id, "SELECT token, distinct_id, platform FROM devices").await;
+    assert_eq!(output.rows, vec![vec![json!("tok-1"), json!("bob"), json!("ios")]]);
+
+    let bob = profile_of(store, environment_id, IdentifierKind::UserId, "bob").await.profile_id;
+    assert!(store.delete_device(environment_id, &bob, "tok-1").await.unwrap());
+    assert!(!store.delete_device(environment_id, &bob, "tok-1").await.unwrap());
+    assert!(
+        !store
+            .upsert_device(
+                environment_id,
+                "missing",
+                DeviceUpdate::new("t".into(), None, Map::new(), None, &Limits::default(), "").unwrap()
+            )
+            .await
+            .unwrap()
+    );
+}
+
+pub async fn an_explicit_merge_joins_two_identified_users(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    let primary = identify(
+        store,
+        environment_id,
+        command(Some("u-main"), Some("laptop"), json!({ "plan": "pro", "seats": 3 }), 10),
+    )
+    .await;
+    let secondary = identify(
+        store,
+        environment_id,
+        command(Some("u-dup"), Some("phone"), json!({ "plan": "free", "email": "dup@example.com" }), 20),
+    )
+    .await;
+    record(store, environment_id, track(Some("u-dup"), None, "Dup Event", 21)).await;
+
+    let merged = store
+        .merge_profiles(
+            environment_id,
+            by_user("u-main"),
+            ProfileSelector::ProfileId(secondary.clone()),
+            WritePolicy::default(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((merged.profile_id.as_str(), merged.merged_profile_id.as_str()), (primary.as_str(), secondary.as_str()));
+    let mut moved: Vec<(String, String)> =
+        merged.moved_identifiers.iter().map(|(kind, value)| (kind.as_str().to_owned(), value.clone())).collect();
+    moved.sort();
+    assert_eq!(
+        moved,
+        vec![
+            ("anonymous_id".to_owned(), "phone".to_owned()),
+            ("anonymous_id".to_owned(), "u-dup".to_owned()),
+            ("email".to_owned(), "dup@example.com".to_owned()),
+        ]
+    );
+    let profile = profile_of(store, environment_id, IdentifierKind::UserId, "u-main").await;
+    assert_eq!(profile.traits, traits(json!({ "plan": "free", "seats": 3, "email": "dup@example.com" })));
+    assert_eq!(profile.email.as_deref(), Some("dup@example.com"));
+    assert_eq!(profile.anonymous_ids, vec!["laptop".to_owned(), "phone".to_owned(), "u-dup".to_owned()]);
+    assert_eq!(store.profile(environment_id, &secondary).await.unwrap().unwrap().profile_id, primary);
+    let output = sql(store, environment_id, "SELECT distinct_id FROM events").await;
+    assert_eq!(output.rows, vec![vec![json!("u-main")]]);
+    // Later calls with the merged-away user id land on the survivor.
+    assert_eq!(record(store, environment_id, track(Some("u-dup"), None, "Later", 30)).await.profile_id, primary);
+
+    let same = store
+        .merge_profiles(environment_id, by_user("u-main"), by_user("u-main"), WritePolicy::default())
+        .await
+        .unwrap();
+    assert_eq!(same.unwrap_err().path, "secondary");
+    let missing = store
+        .merge_profiles(environment_id, by_user("u-main"), by_user("nobody"), WritePolicy::default())
+        .await
+        .unwrap();
+    assert_eq!(missing.unwrap_err().code, ErrorCode::NotFound);
+}
+
+pub async fn identifier_and_merge_caps_are_enforced(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    let capped = WritePolicy {
+        limits: Limits { max_identifiers_per_profile: 3, max_merges_per_profile: 1, ..Limits::default() },
+        ..WritePolicy::default()
+    };
+    store.identify(environment_id, vec![command(Some("u"), Some("a1"), json!({}), 1)], capped.clone()).await.unwrap();
+    let second = store
+        .identify(environment_id, vec![command(Some("u"), Some("a2"), json!({}), 2)], capped.clone())
+        .await
+        .unwrap();
+    assert!(second[0].is_ok());
+    let third = store
+        .identify(environment_id, vec![command(Some("u"), Some("a3"), json!({}), 3)], capped.clone())
+        .await
+        .unwrap();
+    assert_eq!(third[0].as_ref().unwrap_err().code, ErrorCode::TooManyIdentifiers);
+
+    identify(store, environment_id, command(Some("v"), None, json!({}), 4)).await;
+    identify(store, environment_id, command(Some("w"), None, json!({}), 5)).await;
+    identify(store, environment_id, command(Some("x"), None, json!({}), 6)).await;
+    assert!(store.merge_profiles(environment_id, by_user("v"), by_user("w"), capped.clone()).await.unwrap().is_ok());
+    let again = store.merge_profiles(environment_id, by_user("v"), by_user("x"), capped).await.unwrap();
+    assert_eq!(again.unwrap_err().code, ErrorCode::TooManyMerges);
+}
+
+pub async fn identifiers_change_while_the_profile_stays(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    let profile_id = identify(
+        store,
+        environment_id,
+        command(Some("old-id"), None, json!({ "plan": "pro", "email": "a@example.com" }), 1),
+    )
+    .await;
+    record(store, environment_id, track(Some("old-id"), None, "Before", 2)).await;
+    identify(store, environment_id, command(Some("taken"), None, json!({ "email": "b@example.com" }), 3)).await;
+
+    let changed = store
+        .change_identifiers(
+            environment_id,
+            &profile_id,
+            Some("new-id".into()),
+            Some("c@example.com".into()),
+            WritePolicy::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed.unwrap(), profile_id);
+    let profile = profile_of(store, environment_id, IdentifierKind::UserId, "new-id").await;
+    assert_eq!(profile.profile_id, profile_id);
+    assert_eq!(profile.traits["plan"], json!("pro"));
+    assert_eq!(profile.email.as_deref(), Some("c@example.com"));
+    assert!(store.profile_by_identifier(environment_id, IdentifierKind::UserId, "old-id").await.unwrap().is_none());
+    assert!(
+        store.profile_by_identifier(environment_id, IdentifierKind::Email, "a@example.com").await.unwrap().is_none()
+    );
+    assert_eq!(sql(store, environment_id, "SELECT distinct_id FROM events").await.rows, vec![vec![json!("new-id")]]);
+
+    for (user_id, email, field) in [(Some("taken"), None, "user_id"), (None, Some("b@example.com"), "email")] {
+        let refused = store
+            .change_identifiers(
+                environment_id,
+                &profile_id,
+                user_id.map(Into::into),
+                email.map(Into::into),
+                WritePolicy::default(),
+            )
+            .await
+            .unwrap();
+        let error = refused.unwrap_err();
+        assert_eq!((error.code, error.path.as_str()), (ErrorCode::IdentifierTaken, field));
+    }
+}
+
+pub async fn erasure_removes_everything_about_a_person(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    let anonymous = identify(store, environment_id, command(None, Some("anon"), json!({ "utm": "x" }), 1)).await;
+    let user =
+        identify(store, environment_id, command(Some("gone"), None, json!({ "email": "gone@example.com" }), 2)).await;
+    identify(
+        store,
+        environment_id,
+        with_device(
+            command(Some("gone"), Some("anon"), json!({ "plan": "pro" }), 3),
+            json!({ "device": { "token": "t-gone" } }),
+        ),
+    )
+    .await;
+    record(store, environment_id, track(Some("gone"), None, "Bought", 4)).await;
+    identify(store, environment_id, command(Some("kept"), None, json!({ "plan": "free" }), 5)).await;
+
+    let erased = store
+        .erase_profile(environment_id, ProfileSelector::Identifier(IdentifierKind::Email, "gone@example.com".into()))
+        .await
+        .unwrap();
+    assert_eq!(erased.as_deref(), Some(user.as_str()));
+    for (kind, value) in [
+        (IdentifierKind::UserId, "gone"),
+        (IdentifierKind::AnonymousId, "anon"),
+        (IdentifierKind::Email, "gone@example.com"),
+    ] {
+        assert!(
+            store.profile_by_identifier(environment_id, kind, value).await.unwrap().is_none(),
+            "{value} still resolves"
+        );
+    }
+    assert!(store.profile(environment_id, &user).await.unwrap().is_none());
+    assert!(
+        store.profile(environment_id, &anonymous).await.unwrap().is_none(),
+        "forwards to an erased profile are gone"
+    );
+    for view in ["events", "devices", "trait_changes"] {
+        let output = sql(store, environment_id, &format!("SELECT count(*) FROM {view}")).await;
+        assert_eq!(output.rows, vec![vec![json!(if view == "trait_changes" { 1 } else { 0 })]], "{view}");
+    }
+    assert_eq!(
+        sql(store, environment_id, "SELECT distinct_id FROM trait_changes").await.rows,
+        vec![vec![json!("kept")]]
+    );
+    assert!(store.erase_profile(environment_id, by_user("gone")).await.unwrap().is_none());
+}
+
+pub async fn suppressed_user_ids_are_acknowledged_and_dropped(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    store.set_suppressed(environment_id, "opted-out", true).await.unwrap();
+    let results = store
+        .identify(environment_id, vec![command(Some("opted-out"), None, json!({ "a": 1 }), 1)], WritePolicy::default())
+        .await
+        .unwrap();
+    assert!(results[0].as_ref().unwrap().suppressed);
+    let tracked = record(store, environment_id, track(Some("opted-out"), None, "Ignored", 2)).await;
+    assert!(tracked.suppressed);
+    assert!(store.profile_by_identifier(environment_id, IdentifierKind::UserId, "opted-out").await.unwrap().is_none());
+    assert_eq!(sql(store, environment_id, "SELECT count(*) FROM events").await.rows, vec![vec![json!(0)]]);
+
+    store.set_suppressed(environment_id, "opted-out", false).await.unwrap();
+    identify(store, environment_id, command(Some("opted-out"), None, json!({ "a": 2 }), 3)).await;
+    assert_eq!(
+        profile_of(store, environment_id, IdentifierKind::UserId, "opted-out").await.traits,
+        traits(json!({ "a": 2 }))
+    );
+}
+
 pub async fn concurrent_identifies_for_one_new_user_make_one_profile(store: std::sync::Arc<dyn Store>) {
     let environment_id = new_environment(store.as_ref(), "production").await;
     let mut tasks = Vec::new();
@@ -678,6 +1002,14 @@ macro_rules! store_contract_suite {
             trait_history_records_winning_changes_only,
             the_seed_queries_run_as_written,
             expired_message_ids_and_history_are_purged,
+            email_becomes_a_normalised_identifier_held_by_one_profile,
+            name_is_filled_from_first_and_last_name,
+            devices_come_from_context_and_follow_their_current_user,
+            an_explicit_merge_joins_two_identified_users,
+            identifier_and_merge_caps_are_enforced,
+            identifiers_change_while_the_profile_stays,
+            erasure_removes_everything_about_a_person,
+            suppressed_user_ids_are_acknowledged_and_dropped,
             queries_see_only_their_environment,
             queries_refuse_writes_and_escapes,
             queries_stop_at_their_time_and_row_limits,

@@ -14,11 +14,11 @@ pub mod sqlite;
 mod contract;
 
 use async_trait::async_trait;
-use roster_core::{FieldError, IdentifierKind, IdentifyCommand, Timestamp, TrackCommand};
+use roster_core::{DeviceUpdate, FieldError, IdentifierKind, IdentifyCommand, Timestamp, TrackCommand};
 
 pub use model::{
-    EnvironmentId, EnvironmentRecord, EventPage, IdentifyOutcome, NewEnvironment, Profile, ProfileFilter, ProfilePage,
-    QueryBounds, QueryOutput, StoredEvent, TrackOutcome, WritePolicy,
+    Device, EnvironmentId, EnvironmentRecord, EventPage, IdentifyOutcome, MergeOutcome, NewEnvironment, Profile,
+    ProfileFilter, ProfilePage, ProfileSelector, QueryBounds, QueryOutput, StoredEvent, TrackOutcome, WritePolicy,
 };
 pub use sqlite::SqliteStore;
 
@@ -116,6 +116,48 @@ pub trait Store: Send + Sync + 'static {
     /// Runs one read-only SQL statement over the environment's views (`identities`, `events`,
     /// `trait_changes`), refusing anything else, within `bounds`.
     async fn query(&self, environment_id: EnvironmentId, sql: &str, bounds: QueryBounds) -> StoreResult<QueryOutput>;
+
+    /// Merges `secondary` into `primary` atomically (see `resolution::apply_merge`).
+    async fn merge_profiles(
+        &self,
+        environment_id: EnvironmentId,
+        primary: ProfileSelector,
+        secondary: ProfileSelector,
+        policy: WritePolicy,
+    ) -> StoreResult<Result<MergeOutcome, FieldError>>;
+
+    /// Changes a profile's user id and/or email; the profile id, traits, devices and events stay.
+    async fn change_identifiers(
+        &self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        user_id: Option<String>,
+        email: Option<String>,
+        policy: WritePolicy,
+    ) -> StoreResult<Result<String, FieldError>>;
+
+    /// Erases the profile a selector names and everything about it, in one transaction. Returns
+    /// the erased profile id, `None` when nothing matched.
+    async fn erase_profile(
+        &self,
+        environment_id: EnvironmentId,
+        selector: ProfileSelector,
+    ) -> StoreResult<Option<String>>;
+
+    /// Suppresses (or lifts the suppression of) a user id: identifies and tracks naming it are
+    /// acknowledged and dropped.
+    async fn set_suppressed(&self, environment_id: EnvironmentId, user_id: &str, suppressed: bool) -> StoreResult<()>;
+
+    /// Registers or updates a device on a profile; `false` when the profile does not exist.
+    async fn upsert_device(
+        &self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        device: DeviceUpdate,
+    ) -> StoreResult<bool>;
+
+    /// Deletes a device of a profile; whether it existed.
+    async fn delete_device(&self, environment_id: EnvironmentId, profile_id: &str, token: &str) -> StoreResult<bool>;
 
     /// Deletes message ids older than `messages_before` and trait history older than
     /// `history_before`, a bounded number per call. Returns how many rows went.

@@ -37,10 +37,42 @@ pub struct Profile {
     /// Whether an identify named the user id (a track-only distinct id is not identified).
     pub identified: bool,
     pub anonymous_ids: Vec<String>,
+    /// The email identifier (the normalised `email` trait), when this profile holds it.
+    pub email: Option<String>,
     pub traits: Map<String, Value>,
     pub trait_timestamps: BTreeMap<String, Timestamp>,
+    pub devices: Vec<Device>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+}
+
+/// A push/device token of a profile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Device {
+    pub token: String,
+    pub platform: Option<String>,
+    pub attributes: Map<String, Value>,
+    pub last_used: Option<Timestamp>,
+    pub last_status: Option<String>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+/// Names one profile: by id, or by one of its identifiers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProfileSelector {
+    ProfileId(String),
+    Identifier(roster_core::IdentifierKind, String),
+}
+
+/// What an explicit merge moved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeOutcome {
+    pub profile_id: String,
+    pub merged_profile_id: String,
+    /// Identifiers of the secondary profile now pointing at the primary (`kind`, `value`).
+    pub moved_identifiers: Vec<(roster_core::IdentifierKind, String)>,
+    pub changed_traits: Vec<String>,
 }
 
 /// What one applied identify did.
@@ -50,6 +82,8 @@ pub struct IdentifyOutcome {
     pub created: bool,
     /// A resend of a message id already applied inside the dedup window: nothing was written.
     pub duplicate: bool,
+    /// The user id is suppressed: acknowledged, nothing was written.
+    pub suppressed: bool,
     /// Profiles merged into this one by this call (their ids now forward here).
     pub merged_profile_ids: Vec<String>,
     /// Trait keys whose stored state this call changed (older writes change nothing).
@@ -64,6 +98,8 @@ pub struct TrackOutcome {
     pub profile_id: String,
     /// A resend of a message id already recorded inside the dedup window: nothing was written.
     pub duplicate: bool,
+    /// The user id is suppressed: acknowledged, nothing was written.
+    pub suppressed: bool,
 }
 
 /// How writes are applied, beyond the limits of one item.

@@ -3,13 +3,14 @@
 //! implements [`IdentityTx`] (lookups and writes on its own tables) and calls [`apply_identify`]
 //! or [`apply_track`] for each command, inside one transaction per batch.
 
+use roster_core::reserved::{full_name, normalize_email};
 use roster_core::{
-    FieldError, IdentifierKind, IdentifyCommand, LinkInput, LinkTarget, ProfileRef, Timestamp, TrackCommand,
-    TraitChange, TraitSet, plan_link,
+    DeviceUpdate, ErrorCode, FieldError, IdentifierKind, IdentifyCommand, Limits, LinkInput, LinkTarget, LinkWarning,
+    ProfileRef, Timestamp, TrackCommand, TraitChange, TraitSet, plan_link,
 };
 
 use crate::StoreError;
-use crate::model::{EnvironmentId, IdentifyOutcome, TrackOutcome, WritePolicy};
+use crate::model::{EnvironmentId, IdentifyOutcome, MergeOutcome, ProfileSelector, TrackOutcome, WritePolicy};
 
 /// A profile row as the write path sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +21,8 @@ pub struct StoredProfile {
     pub traits: TraitSet,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+    /// Profiles merged into this one over its life (capped by `max_merges_per_profile`).
+    pub merge_count: i64,
 }
 
 impl StoredProfile {
@@ -35,6 +38,7 @@ impl StoredProfile {
             traits: TraitSet::new(),
             created_at: received_at,
             updated_at: received_at,
+            merge_count: 0,
         }
     }
 }
@@ -110,7 +114,7 @@ pub trait IdentityTx {
     /// forwards to `from` as well, so forwarding is always one hop).
     fn retire_profile(&mut self, environment_id: EnvironmentId, from: &str, to: &str) -> Result<(), StoreError>;
 
-    /// Moves the events and trait history of `from` to `to`.
+    /// Moves the events, trait history and devices of `from` to `to`.
     fn move_activity(&mut self, environment_id: EnvironmentId, from: &str, to: &str) -> Result<(), StoreError>;
 
     /// Shows the profile's events under its (new) user id.
@@ -147,6 +151,45 @@ pub trait IdentityTx {
 
     /// A new, never reused, time-ordered id (profiles and events).
     fn new_id(&mut self) -> String;
+
+    /// Every identifier of a profile.
+    fn identifiers_of(
+        &mut self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+    ) -> Result<Vec<(IdentifierKind, String)>, StoreError>;
+
+    fn is_suppressed(&mut self, environment_id: EnvironmentId, user_id: &str) -> Result<bool, StoreError>;
+
+    fn set_suppressed(
+        &mut self,
+        environment_id: EnvironmentId,
+        user_id: &str,
+        suppressed: bool,
+        at: Timestamp,
+    ) -> Result<(), StoreError>;
+
+    /// Registers or updates a device token on a profile (taking it from whoever held it),
+    /// merging `attributes` as a patch.
+    fn upsert_device(
+        &mut self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        device: &DeviceUpdate,
+        at: Timestamp,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes a device of a profile; whether it existed.
+    fn delete_device(
+        &mut self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        token: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// Deletes a profile and everything about it: identifiers, devices, events, trait history,
+    /// forwards to it, remembered message ids.
+    fn erase_profile(&mut self, environment_id: EnvironmentId, profile_id: &str) -> Result<(), StoreError>;
 }
 
 /// Applies one identify. A `FieldError` means the item was rejected before anything was written;
@@ -164,6 +207,20 @@ pub fn apply_identify(
             profile_id: seen.profile_id,
             created: false,
             duplicate: true,
+            suppressed: false,
+            merged_profile_ids: Vec::new(),
+            changed_traits: Vec::new(),
+            warnings: Vec::new(),
+        }));
+    }
+    if let Some(user_id) = &command.user_id
+        && tx.is_suppressed(environment_id, user_id)?
+    {
+        return Ok(Ok(IdentifyOutcome {
+            profile_id: String::new(),
+            created: false,
+            duplicate: false,
+            suppressed: true,
             merged_profile_ids: Vec::new(),
             changed_traits: Vec::new(),
             warnings: Vec::new(),
@@ -200,11 +257,21 @@ pub fn apply_identify(
     };
     let mut changes: Vec<TraitChange> = Vec::new();
     if let Some(absorbed) = &absorbed {
-        changes.extend(profile.traits.merge(&absorbed.traits));
-        profile.created_at = profile.created_at.min(absorbed.created_at);
+        if let Err(violation) = check_merge_cap(&profile, absorbed, &policy.limits) {
+            return Ok(Err(violation));
+        }
+        changes.extend(absorb_traits(&mut profile, absorbed));
     }
     changes.extend(profile.traits.apply_patch(&command.traits, command.timestamp));
     changes.extend(profile.traits.apply_patch_if_absent(&command.traits_set_once, command.timestamp));
+    changes.extend(fill_name(&mut profile.traits, &command.traits, command.timestamp));
+    if !created
+        && (plan.link_anonymous_id.is_some() || absorbed.is_some())
+        && let Err(violation) =
+            check_identifier_cap(tx, environment_id, &profile.profile_id, absorbed.as_ref(), &policy.limits)?
+    {
+        return Ok(Err(violation));
+    }
 
     // A distinct id that was never identified (track-only activity) stays linked as a device id
     // when the profile gets its real user id.
@@ -219,33 +286,14 @@ pub fn apply_identify(
     profile.identified |= plan.mark_identified;
     profile.updated_at = received_at;
 
-    let traits_json = profile.traits.live_values_json();
-    let trait_timestamps_json = profile.traits.timestamps_json();
-    // Tombstones count towards the stored size, so deletes of made-up keys cannot grow a profile
-    // without bound.
-    let stored_bytes = traits_json.len() + trait_timestamps_json.len();
-    if let Err(violation) = policy.limits.validate_profile(profile.traits.live_count(), stored_bytes) {
+    if let Err(violation) = write_profile(tx, environment_id, &profile, created, &policy.limits)? {
         return Ok(Err(violation));
-    }
-
-    let write = ProfileWrite { profile: &profile, traits_json, trait_timestamps_json };
-    if created {
-        tx.insert_profile(environment_id, &write)?;
-    } else {
-        tx.update_profile(environment_id, &write)?;
     }
 
     let target_id = profile.profile_id.as_str();
     let mut merged_profile_ids = Vec::new();
     if let Some(absorbed) = &absorbed {
-        if let Some(absorbed_user_id) = &absorbed.user_id {
-            // The absorbed profile was never identified, so its distinct id is a device id.
-            tx.put_identifier(environment_id, IdentifierKind::AnonymousId, absorbed_user_id, target_id)?;
-            tx.delete_identifier(environment_id, IdentifierKind::UserId, absorbed_user_id)?;
-        }
-        tx.move_identifiers(environment_id, &absorbed.profile_id, target_id)?;
-        tx.move_activity(environment_id, &absorbed.profile_id, target_id)?;
-        tx.retire_profile(environment_id, &absorbed.profile_id, target_id)?;
+        move_absorbed(tx, environment_id, target_id, absorbed)?;
         merged_profile_ids.push(absorbed.profile_id.clone());
     }
     if let Some(demoted) = &demoted_user_id {
@@ -265,6 +313,13 @@ pub fn apply_identify(
     {
         tx.set_events_distinct_id(environment_id, target_id, user_id)?;
     }
+    let mut warnings = plan.warnings;
+    if absorbed.is_some() || changes.iter().any(|change| change.key == "email") {
+        warnings.extend(reconcile_email(tx, environment_id, &profile)?);
+    }
+    if let Some(device) = &command.device {
+        tx.upsert_device(environment_id, target_id, device, received_at)?;
+    }
     if !changes.is_empty() {
         tx.record_trait_changes(environment_id, target_id, &changes_json(&changes), received_at)?;
     }
@@ -277,9 +332,10 @@ pub fn apply_identify(
         profile_id: profile.profile_id,
         created,
         duplicate: false,
+        suppressed: false,
         merged_profile_ids,
         changed_traits: changes.into_iter().map(|change| change.key).collect(),
-        warnings: plan.warnings,
+        warnings,
     }))
 }
 
@@ -298,6 +354,17 @@ pub fn apply_track(
             event_id: seen.event_id.unwrap_or_default(),
             profile_id: seen.profile_id,
             duplicate: true,
+            suppressed: false,
+        }));
+    }
+    if let Some(user_id) = &command.user_id
+        && tx.is_suppressed(environment_id, user_id)?
+    {
+        return Ok(Ok(TrackOutcome {
+            event_id: String::new(),
+            profile_id: String::new(),
+            duplicate: false,
+            suppressed: true,
         }));
     }
     let found = match (&command.user_id, &command.anonymous_id) {
@@ -333,7 +400,284 @@ pub fn apply_track(
             SeenMessage { received_at, profile_id: profile.profile_id.clone(), event_id: Some(event_id.clone()) };
         tx.put_message(environment_id, message_key, &seen)?;
     }
-    Ok(Ok(TrackOutcome { event_id, profile_id: profile.profile_id, duplicate: false }))
+    Ok(Ok(TrackOutcome { event_id, profile_id: profile.profile_id, duplicate: false, suppressed: false }))
+}
+
+/// Merges two profiles chosen explicitly (the only way two identified users merge): the secondary's
+/// traits merge in by timestamp, its identifiers, events, history and devices move to the primary,
+/// its user id becomes an anonymous id of the primary, and its profile id forwards there.
+pub fn apply_merge(
+    tx: &mut impl IdentityTx,
+    environment_id: EnvironmentId,
+    primary: &ProfileSelector,
+    secondary: &ProfileSelector,
+    policy: &WritePolicy,
+    received_at: Timestamp,
+) -> Result<Result<MergeOutcome, FieldError>, StoreError> {
+    let Some(mut profile) = resolve(tx, environment_id, primary)? else {
+        return Ok(Err(FieldError::new(ErrorCode::NotFound, "primary", "names no profile")));
+    };
+    let Some(absorbed) = resolve(tx, environment_id, secondary)? else {
+        return Ok(Err(FieldError::new(ErrorCode::NotFound, "secondary", "names no profile")));
+    };
+    if absorbed.profile_id == profile.profile_id {
+        return Ok(Err(FieldError::new(ErrorCode::InvalidType, "secondary", "names the same profile as `primary`")));
+    }
+    if let Err(violation) = check_merge_cap(&profile, &absorbed, &policy.limits) {
+        return Ok(Err(violation));
+    }
+    if let Err(violation) =
+        check_identifier_cap(tx, environment_id, &profile.profile_id, Some(&absorbed), &policy.limits)?
+    {
+        return Ok(Err(violation));
+    }
+    let changes = absorb_traits(&mut profile, &absorbed);
+    profile.updated_at = received_at;
+    if let Err(violation) = write_profile(tx, environment_id, &profile, false, &policy.limits)? {
+        return Ok(Err(violation));
+    }
+    let moved_identifiers = tx.identifiers_of(environment_id, &absorbed.profile_id)?;
+    move_absorbed(tx, environment_id, &profile.profile_id, &absorbed)?;
+    if let Some(user_id) = &profile.user_id {
+        tx.set_events_distinct_id(environment_id, &profile.profile_id, user_id)?;
+    }
+    reconcile_email(tx, environment_id, &profile)?;
+    if !changes.is_empty() {
+        tx.record_trait_changes(environment_id, &profile.profile_id, &changes_json(&changes), received_at)?;
+    }
+    let moved_identifiers = moved_identifiers
+        .into_iter()
+        .map(|(kind, value)| match kind {
+            IdentifierKind::UserId => (IdentifierKind::AnonymousId, value),
+            other => (other, value),
+        })
+        .collect();
+    Ok(Ok(MergeOutcome {
+        profile_id: profile.profile_id,
+        merged_profile_id: absorbed.profile_id,
+        moved_identifiers,
+        changed_traits: changes.into_iter().map(|change| change.key).collect(),
+    }))
+}
+
+/// Changes a profile's user id and/or email (the "update identifiers" case): the profile id,
+/// traits, devices and events stay. An identifier held by another profile is refused.
+pub fn apply_identifier_change(
+    tx: &mut impl IdentityTx,
+    environment_id: EnvironmentId,
+    profile_id: &str,
+    new_user_id: Option<&str>,
+    new_email: Option<&str>,
+    policy: &WritePolicy,
+    received_at: Timestamp,
+) -> Result<Result<String, FieldError>, StoreError> {
+    let Some(mut profile) = tx.load_profile(environment_id, profile_id)? else {
+        return Ok(Err(FieldError::new(ErrorCode::NotFound, "profile_id", format!("no profile `{profile_id}`"))));
+    };
+    if let Some(new_user_id) = new_user_id {
+        if let Err(invalid) = policy.limits.validate_identifier(new_user_id, "user_id") {
+            return Ok(Err(invalid));
+        }
+        if let Some(owner) = tx.find_by_identifier(environment_id, IdentifierKind::UserId, new_user_id)?
+            && owner.profile_id != profile.profile_id
+        {
+            return Ok(Err(taken("user_id", new_user_id, &owner.profile_id)));
+        }
+        if let Some(old) = profile.user_id.take().filter(|old| old != new_user_id) {
+            tx.delete_identifier(environment_id, IdentifierKind::UserId, &old)?;
+        }
+        tx.put_identifier(environment_id, IdentifierKind::UserId, new_user_id, &profile.profile_id)?;
+        tx.set_events_distinct_id(environment_id, &profile.profile_id, new_user_id)?;
+        profile.user_id = Some(new_user_id.to_owned());
+        profile.identified = true;
+    }
+    let mut changes = Vec::new();
+    if let Some(new_email) = new_email {
+        let Some(normalized) = normalize_email(new_email) else {
+            return Ok(Err(FieldError::new(ErrorCode::InvalidType, "email", "is not an email address")));
+        };
+        if let Some(owner) = tx.find_by_identifier(environment_id, IdentifierKind::Email, &normalized)?
+            && owner.profile_id != profile.profile_id
+        {
+            return Ok(Err(taken("email", &normalized, &owner.profile_id)));
+        }
+        changes.extend(profile.traits.apply(
+            "email",
+            Some(serde_json::Value::String(new_email.trim().to_owned())),
+            received_at,
+        ));
+    }
+    profile.updated_at = received_at;
+    if let Err(violation) = write_profile(tx, environment_id, &profile, false, &policy.limits)? {
+        return Ok(Err(violation));
+    }
+    reconcile_email(tx, environment_id, &profile)?;
+    if !changes.is_empty() {
+        tx.record_trait_changes(environment_id, &profile.profile_id, &changes_json(&changes), received_at)?;
+    }
+    Ok(Ok(profile.profile_id))
+}
+
+fn taken(field: &str, value: &str, owner: &str) -> FieldError {
+    FieldError::new(ErrorCode::IdentifierTaken, field, format!("`{value}` already identifies profile {owner}"))
+}
+
+/// The profile a selector names, if any.
+pub fn resolve(
+    tx: &mut impl IdentityTx,
+    environment_id: EnvironmentId,
+    selector: &ProfileSelector,
+) -> Result<Option<StoredProfile>, StoreError> {
+    match selector {
+        ProfileSelector::ProfileId(profile_id) => tx.load_profile(environment_id, profile_id),
+        ProfileSelector::Identifier(IdentifierKind::Email, email) => match normalize_email(email) {
+            Some(normalized) => tx.find_by_identifier(environment_id, IdentifierKind::Email, &normalized),
+            None => Ok(None),
+        },
+        ProfileSelector::Identifier(kind, value) => tx.find_by_identifier(environment_id, *kind, value),
+    }
+}
+
+/// Serializes a profile, checks the profile limits on the bytes that will be stored, and writes it.
+fn write_profile(
+    tx: &mut impl IdentityTx,
+    environment_id: EnvironmentId,
+    profile: &StoredProfile,
+    created: bool,
+    limits: &Limits,
+) -> Result<Result<(), FieldError>, StoreError> {
+    let traits_json = profile.traits.live_values_json();
+    let trait_timestamps_json = profile.traits.timestamps_json();
+    // Tombstones count towards the stored size, so deletes of made-up keys cannot grow a profile
+    // without bound.
+    let stored_bytes = traits_json.len() + trait_timestamps_json.len();
+    if let Err(violation) = limits.validate_profile(profile.traits.live_count(), stored_bytes) {
+        return Ok(Err(violation));
+    }
+    let write = ProfileWrite { profile, traits_json, trait_timestamps_json };
+    if created {
+        tx.insert_profile(environment_id, &write)?;
+    } else {
+        tx.update_profile(environment_id, &write)?;
+    }
+    Ok(Ok(()))
+}
+
+fn check_merge_cap(profile: &StoredProfile, absorbed: &StoredProfile, limits: &Limits) -> Result<(), FieldError> {
+    let merges = profile.merge_count + absorbed.merge_count + 1;
+    if usize::try_from(merges).unwrap_or(usize::MAX) > limits.max_merges_per_profile {
+        return Err(FieldError::new(
+            ErrorCode::TooManyMerges,
+            "anonymous_id",
+            format!(
+                "merging would make {merges} merges into profile {}; the limit is {} per profile",
+                profile.profile_id, limits.max_merges_per_profile
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a link or merge that would leave the profile with more identifiers than the cap
+/// (counting one more for a new anonymous id, and the absorbed profile's identifiers).
+fn check_identifier_cap(
+    tx: &mut impl IdentityTx,
+    environment_id: EnvironmentId,
+    profile_id: &str,
+    absorbed: Option<&StoredProfile>,
+    limits: &Limits,
+) -> Result<Result<(), FieldError>, StoreError> {
+    let mut count = tx.identifiers_of(environment_id, profile_id)?.len() + 1;
+    if let Some(absorbed) = absorbed {
+        count += tx.identifiers_of(environment_id, &absorbed.profile_id)?.len();
+    }
+    if count > limits.max_identifiers_per_profile {
+        return Ok(Err(FieldError::new(
+            ErrorCode::TooManyIdentifiers,
+            "anonymous_id",
+            format!(
+                "profile {profile_id} would hold {count} identifiers; the limit is {} per profile",
+                limits.max_identifiers_per_profile
+            ),
+        )));
+    }
+    Ok(Ok(()))
+}
+
+/// Merges an absorbed profile's traits and counters into the survivor; returns the trait changes.
+fn absorb_traits(profile: &mut StoredProfile, absorbed: &StoredProfile) -> Vec<TraitChange> {
+    profile.created_at = profile.created_at.min(absorbed.created_at);
+    profile.merge_count += absorbed.merge_count + 1;
+    profile.traits.merge(&absorbed.traits)
+}
+
+/// Moves everything of an absorbed profile to the survivor and retires it. Its user id becomes an
+/// anonymous id of the survivor, so its later calls still land on the same person.
+fn move_absorbed(
+    tx: &mut impl IdentityTx,
+    environment_id: EnvironmentId,
+    target_id: &str,
+    absorbed: &StoredProfile,
+) -> Result<(), StoreError> {
+    if let Some(absorbed_user_id) = &absorbed.user_id {
+        tx.delete_identifier(environment_id, IdentifierKind::UserId, absorbed_user_id)?;
+        tx.put_identifier(environment_id, IdentifierKind::AnonymousId, absorbed_user_id, target_id)?;
+    }
+    tx.move_identifiers(environment_id, &absorbed.profile_id, target_id)?;
+    tx.move_activity(environment_id, &absorbed.profile_id, target_id)?;
+    tx.retire_profile(environment_id, &absorbed.profile_id, target_id)
+}
+
+/// `name` from `first_name`/`last_name` when the patch sets either and does not send `name`.
+fn fill_name(
+    traits: &mut TraitSet,
+    patch: &serde_json::Map<String, serde_json::Value>,
+    at: Timestamp,
+) -> Option<TraitChange> {
+    if patch.contains_key("name") || !(patch.contains_key("first_name") || patch.contains_key("last_name")) {
+        return None;
+    }
+    let first = traits.get("first_name").and_then(|entry| entry.value.clone());
+    let last = traits.get("last_name").and_then(|entry| entry.value.clone());
+    let name = full_name(first.as_ref(), last.as_ref())?;
+    traits.apply("name", Some(serde_json::Value::String(name)), at)
+}
+
+/// Makes the profile's email identifier match its `email` trait: drops stale email identifiers,
+/// claims the current one unless another profile holds it (then a warning).
+fn reconcile_email(
+    tx: &mut impl IdentityTx,
+    environment_id: EnvironmentId,
+    profile: &StoredProfile,
+) -> Result<Vec<LinkWarning>, StoreError> {
+    let wanted = profile
+        .traits
+        .get("email")
+        .and_then(|entry| entry.value.as_ref())
+        .and_then(serde_json::Value::as_str)
+        .and_then(normalize_email);
+    let held: Vec<String> = tx
+        .identifiers_of(environment_id, &profile.profile_id)?
+        .into_iter()
+        .filter(|(kind, _)| *kind == IdentifierKind::Email)
+        .map(|(_, value)| value)
+        .collect();
+    for stale in held.iter().filter(|value| Some(*value) != wanted.as_ref()) {
+        tx.delete_identifier(environment_id, IdentifierKind::Email, stale)?;
+    }
+    let Some(wanted) = wanted else { return Ok(Vec::new()) };
+    if held.contains(&wanted) {
+        return Ok(Vec::new());
+    }
+    match tx.find_by_identifier(environment_id, IdentifierKind::Email, &wanted)? {
+        Some(owner) if owner.profile_id != profile.profile_id => {
+            Ok(vec![LinkWarning::EmailOwnedByOtherProfile { email: wanted, owner_profile_id: owner.profile_id }])
+        }
+        _ => {
+            tx.put_identifier(environment_id, IdentifierKind::Email, &wanted, &profile.profile_id)?;
+            Ok(Vec::new())
+        }
+    }
 }
 
 /// A profile for a track whose identifiers nobody holds yet: its distinct id is kept as a user id
@@ -409,8 +753,8 @@ fn changes_json(changes: &[TraitChange]) -> String {
     serde_json::to_string(&stored).unwrap_or_else(|_| "[]".to_owned())
 }
 
-/// The profile an identify's `anonymous_id` names: one holding it as an anonymous id, or one
-/// whose distinct id it is while that profile was never identified (track-only activity).
+/// The profile an identify's `anonymous_id` names: one holding it as an anonymous id, or one whose
+/// user id it is.
 fn find_anonymous(
     tx: &mut impl IdentityTx,
     environment_id: EnvironmentId,
@@ -419,8 +763,9 @@ fn find_anonymous(
     if let Some(profile) = tx.find_by_identifier(environment_id, IdentifierKind::AnonymousId, anonymous_id)? {
         return Ok(Some(profile));
     }
-    let by_distinct_id = tx.find_by_identifier(environment_id, IdentifierKind::UserId, anonymous_id)?;
-    Ok(by_distinct_id.filter(|profile| !profile.identified))
+    // A user id named as an anonymous id: a track-only distinct id merges in; an identified
+    // user's id makes the linking rules answer with a warning instead of linking it twice.
+    tx.find_by_identifier(environment_id, IdentifierKind::UserId, anonymous_id)
 }
 
 /// Reuses a profile already loaded by a lookup instead of reading it again.

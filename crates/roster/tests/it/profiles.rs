@@ -37,8 +37,8 @@ async fn listing_pages_through_every_profile_once() {
 async fn trait_filter_matches_type_and_value() {
     let server = TestServer::start().await;
     let batch = json!([
-        { "distinct_id": "a", "traits": { "plan": "pro", "age": 30 } },
-        { "distinct_id": "b", "traits": { "plan": "free", "age": "30" } },
+        { "distinct_id": "a", "traits": { "plan": "pro", "seats": 30 } },
+        { "distinct_id": "b", "traits": { "plan": "free", "seats": "30" } },
         { "distinct_id": "c", "traits": { "plan": "pro", "vip": true } }
     ]);
     server.post("/identify", &server.keys.client_key, &batch).await;
@@ -54,9 +54,9 @@ async fn trait_filter_matches_type_and_value() {
     };
     let (_, pro) = server.get("/v1/profiles?trait.plan=pro", &server.keys.server_key).await;
     assert_eq!(users(pro), vec!["a", "c"]);
-    let (_, numeric) = server.get("/v1/profiles?trait.age=30", &server.keys.server_key).await;
+    let (_, numeric) = server.get("/v1/profiles?trait.seats=30", &server.keys.server_key).await;
     assert_eq!(users(numeric), vec!["a"]);
-    let (_, text) = server.get("/v1/profiles?trait.age=%2230%22", &server.keys.server_key).await;
+    let (_, text) = server.get("/v1/profiles?trait.seats=%2230%22", &server.keys.server_key).await;
     assert_eq!(users(text), vec!["b"]);
     let (_, vip) = server.get("/v1/profiles?trait.vip=true", &server.keys.server_key).await;
     assert_eq!(users(vip), vec!["c"]);

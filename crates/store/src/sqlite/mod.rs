@@ -13,17 +13,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use roster_core::{IdentifierKind, IdentifyCommand, Timestamp, TrackCommand, TraitSet};
+use roster_core::{DeviceUpdate, FieldError, IdentifierKind, IdentifyCommand, Timestamp, TrackCommand, TraitSet};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::model::{
-    EnvironmentId, EnvironmentRecord, EventPage, NewEnvironment, Profile, ProfileFilter, ProfilePage, QueryBounds,
-    QueryOutput, StoredEvent, WritePolicy,
+    Device, EnvironmentId, EnvironmentRecord, EventPage, MergeOutcome, NewEnvironment, Profile, ProfileFilter,
+    ProfilePage, ProfileSelector, QueryBounds, QueryOutput, StoredEvent, WritePolicy,
 };
 use crate::resolution::{
-    EventWrite, IdentityTx, ProfileWrite, SeenMessage, StoredProfile, apply_identify, apply_track,
+    EventWrite, IdentityTx, ProfileWrite, SeenMessage, StoredProfile, apply_identifier_change, apply_identify,
+    apply_merge, apply_track, resolve,
 };
 use crate::{ItemResult, Store, StoreError, StoreResult, TrackResult};
 
@@ -115,6 +116,28 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (environment_id, message_id)
     ) WITHOUT ROWID;
     CREATE INDEX message_ids_by_age ON message_ids (received_at);
+"#,
+    r#"
+    CREATE TABLE devices (
+        environment_id INTEGER NOT NULL,
+        token TEXT NOT NULL,
+        profile_id TEXT NOT NULL,
+        platform TEXT,
+        attributes TEXT NOT NULL,
+        last_used INTEGER,
+        last_status TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (environment_id, token)
+    ) WITHOUT ROWID;
+    CREATE INDEX devices_by_profile ON devices (environment_id, profile_id);
+    CREATE TABLE suppressions (
+        environment_id INTEGER NOT NULL,
+        user_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (environment_id, user_id)
+    ) WITHOUT ROWID;
+    ALTER TABLE profiles ADD COLUMN merge_count INTEGER NOT NULL DEFAULT 0;
 "#,
 ];
 
@@ -367,7 +390,7 @@ struct SqliteIdentityTx<'a> {
 /// constants (no formatting per call on the hot path).
 macro_rules! profile_columns {
     () => {
-        "p.profile_id, p.user_id, p.identified, p.traits, p.trait_timestamps, p.created_at, p.updated_at"
+        "p.profile_id, p.user_id, p.identified, p.traits, p.trait_timestamps, p.created_at, p.updated_at, p.merge_count"
     };
 }
 
@@ -380,6 +403,7 @@ fn stored_profile_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredPr
         trait_timestamps_json: row.get(4)?,
         created_at: row.get(5)?,
         updated_at: row.get(6)?,
+        merge_count: row.get(7)?,
     })
 }
 
@@ -392,6 +416,7 @@ struct StoredProfileRow {
     trait_timestamps_json: String,
     created_at: i64,
     updated_at: i64,
+    merge_count: i64,
 }
 
 impl StoredProfileRow {
@@ -414,28 +439,89 @@ impl StoredProfileRow {
             identified: self.identified,
             created_at: Timestamp::from_micros(self.created_at),
             updated_at: Timestamp::from_micros(self.updated_at),
+            merge_count: self.merge_count,
         })
     }
 
-    fn into_profile(self, connection: &Connection) -> StoreResult<Profile> {
+    fn into_profile(self, connection: &Connection, environment_id: EnvironmentId) -> StoreResult<Profile> {
         let (traits, all_timestamps) = self.parse_traits()?;
         let trait_timestamps = all_timestamps.into_iter().filter(|(key, _)| traits.contains_key(key)).collect();
-        let mut statement = connection.prepare_cached(
-            "SELECT value FROM identifiers WHERE profile_id = ?1 AND kind = 'anonymous_id' ORDER BY value",
-        )?;
-        let anonymous_ids =
-            statement.query_map([&self.profile_id], |row| row.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+        let mut anonymous_ids = Vec::new();
+        let mut email = None;
+        for (kind, value) in identifiers_of(connection, environment_id, &self.profile_id)? {
+            match kind {
+                IdentifierKind::AnonymousId => anonymous_ids.push(value),
+                IdentifierKind::Email => email = Some(value),
+                IdentifierKind::UserId => {}
+            }
+        }
+        let devices = devices_of(connection, environment_id, &self.profile_id)?;
         Ok(Profile {
             profile_id: self.profile_id,
             user_id: self.user_id,
             identified: self.identified,
             anonymous_ids,
+            email,
             traits,
             trait_timestamps,
+            devices,
             created_at: Timestamp::from_micros(self.created_at),
             updated_at: Timestamp::from_micros(self.updated_at),
         })
     }
+}
+
+fn identifiers_of(
+    connection: &Connection,
+    environment_id: EnvironmentId,
+    profile_id: &str,
+) -> StoreResult<Vec<(IdentifierKind, String)>> {
+    let mut statement = connection.prepare_cached(
+        "SELECT kind, value FROM identifiers WHERE environment_id = ?1 AND profile_id = ?2 ORDER BY kind, value",
+    )?;
+    let rows = statement
+        .query_map(params![environment_id, profile_id], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.into_iter()
+        .map(|(kind, value)| {
+            IdentifierKind::parse(&kind)
+                .map(|kind| (kind, value))
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown identifier kind `{kind}`")))
+        })
+        .collect()
+}
+
+fn devices_of(connection: &Connection, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<Vec<Device>> {
+    let mut statement = connection.prepare_cached(
+        "SELECT token, platform, attributes, last_used, last_status, created_at, updated_at FROM devices \
+         WHERE environment_id = ?1 AND profile_id = ?2 ORDER BY token",
+    )?;
+    let rows = statement
+        .query_map(params![environment_id, profile_id], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, Option<String>>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, Option<i64>>(3)?,
+                row.get::<_, Option<String>>(4)?,
+                row.get::<_, i64>(5)?,
+                row.get::<_, i64>(6)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.into_iter()
+        .map(|(token, platform, attributes, last_used, last_status, created_at, updated_at)| {
+            Ok(Device {
+                attributes: parse_object(&attributes, &token)?,
+                token,
+                platform,
+                last_used: last_used.map(Timestamp::from_micros),
+                last_status,
+                created_at: Timestamp::from_micros(created_at),
+                updated_at: Timestamp::from_micros(updated_at),
+            })
+        })
+        .collect()
 }
 
 impl IdentityTx for SqliteIdentityTx<'_> {
@@ -459,7 +545,7 @@ impl IdentityTx for SqliteIdentityTx<'_> {
         self.connection
             .prepare_cached(
                 "INSERT INTO profiles (profile_id, environment_id, user_id, identified, traits, trait_timestamps, \
-                 created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 created_at, updated_at, merge_count) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?
             .execute(params![
                 profile.profile_id,
@@ -470,6 +556,7 @@ impl IdentityTx for SqliteIdentityTx<'_> {
                 write.trait_timestamps_json,
                 profile.created_at.as_micros(),
                 profile.updated_at.as_micros(),
+                profile.merge_count,
             ])?;
         Ok(())
     }
@@ -479,7 +566,7 @@ impl IdentityTx for SqliteIdentityTx<'_> {
         self.connection
             .prepare_cached(
                 "UPDATE profiles SET user_id = ?3, identified = ?4, traits = ?5, trait_timestamps = ?6, \
-                 created_at = ?7, updated_at = ?8 WHERE profile_id = ?1 AND environment_id = ?2",
+                 created_at = ?7, updated_at = ?8, merge_count = ?9 WHERE profile_id = ?1 AND environment_id = ?2",
             )?
             .execute(params![
                 profile.profile_id,
@@ -490,6 +577,7 @@ impl IdentityTx for SqliteIdentityTx<'_> {
                 write.trait_timestamps_json,
                 profile.created_at.as_micros(),
                 profile.updated_at.as_micros(),
+                profile.merge_count,
             ])?;
         Ok(())
     }
@@ -553,6 +641,9 @@ impl IdentityTx for SqliteIdentityTx<'_> {
             .execute(params![environment_id, from, to])?;
         self.connection
             .prepare_cached("UPDATE trait_history SET profile_id = ?3 WHERE environment_id = ?1 AND profile_id = ?2")?
+            .execute(params![environment_id, from, to])?;
+        self.connection
+            .prepare_cached("UPDATE devices SET profile_id = ?3 WHERE environment_id = ?1 AND profile_id = ?2")?
             .execute(params![environment_id, from, to])?;
         Ok(())
     }
@@ -645,6 +736,113 @@ impl IdentityTx for SqliteIdentityTx<'_> {
 
     fn new_id(&mut self) -> String {
         uuid::Uuid::now_v7().to_string()
+    }
+
+    fn identifiers_of(
+        &mut self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+    ) -> StoreResult<Vec<(IdentifierKind, String)>> {
+        identifiers_of(self.connection, environment_id, profile_id)
+    }
+
+    fn is_suppressed(&mut self, environment_id: EnvironmentId, user_id: &str) -> StoreResult<bool> {
+        Ok(self
+            .connection
+            .prepare_cached("SELECT 1 FROM suppressions WHERE environment_id = ?1 AND user_id = ?2")?
+            .exists(params![environment_id, user_id])?)
+    }
+
+    fn set_suppressed(
+        &mut self,
+        environment_id: EnvironmentId,
+        user_id: &str,
+        suppressed: bool,
+        at: Timestamp,
+    ) -> StoreResult<()> {
+        if suppressed {
+            self.connection
+                .prepare_cached(
+                    "INSERT INTO suppressions (environment_id, user_id, created_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (environment_id, user_id) DO NOTHING",
+                )?
+                .execute(params![environment_id, user_id, at.as_micros()])?;
+        } else {
+            self.connection
+                .prepare_cached("DELETE FROM suppressions WHERE environment_id = ?1 AND user_id = ?2")?
+                .execute(params![environment_id, user_id])?;
+        }
+        Ok(())
+    }
+
+    fn upsert_device(
+        &mut self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        device: &DeviceUpdate,
+        at: Timestamp,
+    ) -> StoreResult<()> {
+        let existing: Option<(String, i64)> = self
+            .connection
+            .prepare_cached("SELECT attributes, created_at FROM devices WHERE environment_id = ?1 AND token = ?2")?
+            .query_row(params![environment_id, device.token], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?;
+        let (mut attributes, created_at) = match existing {
+            Some((attributes, created_at)) => (parse_object(&attributes, &device.token)?, created_at),
+            None => (Map::new(), at.as_micros()),
+        };
+        for (key, value) in &device.attributes {
+            if value.is_null() {
+                attributes.remove(key);
+            } else {
+                attributes.insert(key.clone(), value.clone());
+            }
+        }
+        let attributes = Value::Object(attributes).to_string();
+        self.connection
+            .prepare_cached(
+                "INSERT INTO devices (environment_id, token, profile_id, platform, attributes, last_used, last_status, \
+                 created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT (environment_id, token) DO UPDATE SET profile_id = excluded.profile_id, \
+                 platform = COALESCE(excluded.platform, devices.platform), attributes = excluded.attributes, \
+                 last_used = COALESCE(excluded.last_used, devices.last_used), \
+                 last_status = COALESCE(excluded.last_status, devices.last_status), updated_at = excluded.updated_at",
+            )?
+            .execute(params![
+                environment_id,
+                device.token,
+                profile_id,
+                device.platform,
+                attributes,
+                device.mark_used.then_some(at.as_micros()),
+                device.last_status,
+                created_at,
+                at.as_micros(),
+            ])?;
+        Ok(())
+    }
+
+    fn delete_device(&mut self, environment_id: EnvironmentId, profile_id: &str, token: &str) -> StoreResult<bool> {
+        let deleted = self
+            .connection
+            .prepare_cached("DELETE FROM devices WHERE environment_id = ?1 AND profile_id = ?2 AND token = ?3")?
+            .execute(params![environment_id, profile_id, token])?;
+        Ok(deleted > 0)
+    }
+
+    fn erase_profile(&mut self, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<()> {
+        for sql in [
+            "DELETE FROM profiles WHERE environment_id = ?1 AND profile_id = ?2",
+            "DELETE FROM identifiers WHERE environment_id = ?1 AND profile_id = ?2",
+            "DELETE FROM devices WHERE environment_id = ?1 AND profile_id = ?2",
+            "DELETE FROM events WHERE environment_id = ?1 AND profile_id = ?2",
+            "DELETE FROM trait_history WHERE environment_id = ?1 AND profile_id = ?2",
+            "DELETE FROM profile_forwards WHERE environment_id = ?1 AND profile_id = ?2",
+            "DELETE FROM message_ids WHERE environment_id = ?1 AND profile_id = ?2",
+        ] {
+            self.connection.prepare_cached(sql)?.execute(params![environment_id, profile_id])?;
+        }
+        Ok(())
     }
 }
 
@@ -926,6 +1124,90 @@ impl Store for SqliteStore {
         .map_err(|error| StoreError::Database(format!("query task failed: {error}")))?
     }
 
+    async fn merge_profiles(
+        &self,
+        environment_id: EnvironmentId,
+        primary: ProfileSelector,
+        secondary: ProfileSelector,
+        policy: WritePolicy,
+    ) -> StoreResult<Result<MergeOutcome, FieldError>> {
+        self.write(move |connection| {
+            let mut tx = SqliteIdentityTx { connection };
+            apply_merge(&mut tx, environment_id, &primary, &secondary, &policy, now())
+        })
+        .await
+    }
+
+    async fn change_identifiers(
+        &self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        user_id: Option<String>,
+        email: Option<String>,
+        policy: WritePolicy,
+    ) -> StoreResult<Result<String, FieldError>> {
+        let profile_id = profile_id.to_owned();
+        self.write(move |connection| {
+            let mut tx = SqliteIdentityTx { connection };
+            apply_identifier_change(
+                &mut tx,
+                environment_id,
+                &profile_id,
+                user_id.as_deref(),
+                email.as_deref(),
+                &policy,
+                now(),
+            )
+        })
+        .await
+    }
+
+    async fn erase_profile(
+        &self,
+        environment_id: EnvironmentId,
+        selector: ProfileSelector,
+    ) -> StoreResult<Option<String>> {
+        self.write(move |connection| {
+            let mut tx = SqliteIdentityTx { connection };
+            let Some(profile) = resolve(&mut tx, environment_id, &selector)? else { return Ok(None) };
+            tx.erase_profile(environment_id, &profile.profile_id)?;
+            Ok(Some(profile.profile_id))
+        })
+        .await
+    }
+
+    async fn set_suppressed(&self, environment_id: EnvironmentId, user_id: &str, suppressed: bool) -> StoreResult<()> {
+        let user_id = user_id.to_owned();
+        self.write(move |connection| {
+            SqliteIdentityTx { connection }.set_suppressed(environment_id, &user_id, suppressed, now())
+        })
+        .await
+    }
+
+    async fn upsert_device(
+        &self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        device: DeviceUpdate,
+    ) -> StoreResult<bool> {
+        let profile_id = profile_id.to_owned();
+        self.write(move |connection| {
+            let mut tx = SqliteIdentityTx { connection };
+            if tx.load_profile(environment_id, &profile_id)?.is_none() {
+                return Ok(false);
+            }
+            tx.upsert_device(environment_id, &profile_id, &device, now())?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn delete_device(&self, environment_id: EnvironmentId, profile_id: &str, token: &str) -> StoreResult<bool> {
+        let (profile_id, token) = (profile_id.to_owned(), token.to_owned());
+        self.write(move |connection| SqliteIdentityTx { connection }.delete_device(environment_id, &profile_id, &token))
+            .await
+    }
+
     async fn purge_expired(&self, messages_before: Timestamp, history_before: Option<Timestamp>) -> StoreResult<usize> {
         self.write(move |connection| {
             // Bounded per call so a purge never holds the writer for long; the caller repeats.
@@ -956,7 +1238,9 @@ impl Store for SqliteStore {
             let Some(current_id) = current_profile_id(connection, environment_id, &profile_id)? else {
                 return Ok(None);
             };
-            load_row(connection, environment_id, &current_id)?.map(|row| row.into_profile(connection)).transpose()
+            load_row(connection, environment_id, &current_id)?
+                .map(|row| row.into_profile(connection, environment_id))
+                .transpose()
         })
         .await
     }
@@ -970,7 +1254,7 @@ impl Store for SqliteStore {
         let value = value.to_owned();
         self.read(move |connection| {
             find_row_by_identifier(connection, environment_id, kind, &value)?
-                .map(|row| row.into_profile(connection))
+                .map(|row| row.into_profile(connection, environment_id))
                 .transpose()
         })
         .await
@@ -1020,7 +1304,7 @@ impl Store for SqliteStore {
             let profiles = rows
                 .into_iter()
                 .take(limit)
-                .map(|row| row.into_profile(connection))
+                .map(|row| row.into_profile(connection, environment_id))
                 .collect::<StoreResult<Vec<_>>>()?;
             let next_after = if has_more { profiles.last().map(|profile| profile.profile_id.clone()) } else { None };
             Ok(ProfilePage { profiles, next_after })

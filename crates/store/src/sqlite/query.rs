@@ -25,7 +25,7 @@ use crate::model::{EnvironmentId, QueryBounds, QueryOutput};
 use crate::{StoreError, StoreResult};
 
 /// The views users query; the only names a user's statement may read through.
-pub const VIEW_NAMES: [&str; 3] = ["identities", "events", "trait_changes"];
+pub const VIEW_NAMES: [&str; 4] = ["identities", "events", "trait_changes", "devices"];
 
 /// Table-valued functions users may call at top level.
 const ALLOWED_TABLE_FUNCTIONS: [&str; 2] = ["json_each", "json_tree"];
@@ -75,13 +75,30 @@ fn views(store: &str) -> String {
             {recorded_at} AS recorded_at \
          FROM {store}.trait_history h JOIN json_each(h.changes) c \
          LEFT JOIN {store}.profiles p ON p.environment_id = h.environment_id AND p.profile_id = h.profile_id \
-         WHERE h.environment_id = roster_environment();",
+         WHERE h.environment_id = roster_environment();
+         CREATE TEMP VIEW devices AS SELECT \
+            d.token AS token, \
+            roster_environment_slug() AS environment, \
+            d.profile_id AS profile_id, \
+            p.user_id AS distinct_id, \
+            d.platform AS platform, \
+            d.attributes AS attributes, \
+            {last_used} AS last_used, \
+            d.last_status AS last_status, \
+            {device_created_at} AS created_at, \
+            {device_updated_at} AS updated_at \
+         FROM {store}.devices d \
+         LEFT JOIN {store}.profiles p ON p.environment_id = d.environment_id AND p.profile_id = d.profile_id \
+         WHERE d.environment_id = roster_environment();",
         created_at = iso_time("p.created_at"),
         updated_at = iso_time("p.updated_at"),
         timestamp = iso_time("ev.timestamp"),
         received_at = iso_time("ev.received_at"),
         changed_at = iso_time("(c.value ->> '$.at')"),
         recorded_at = iso_time("h.recorded_at"),
+        last_used = iso_time("d.last_used"),
+        device_created_at = iso_time("d.created_at"),
+        device_updated_at = iso_time("d.updated_at"),
     )
 }
 
