@@ -140,6 +140,12 @@ struct LimitArgs {
     /// Largest serialized properties of one event, in bytes.
     #[arg(long, env = "ROSTER_MAX_EVENT_BYTES", default_value_t = Limits::default().max_event_bytes)]
     max_event_bytes: usize,
+    /// Most identifiers (user id, anonymous ids, email) per profile.
+    #[arg(long, env = "ROSTER_MAX_IDENTIFIERS_PER_PROFILE", default_value_t = Limits::default().max_identifiers_per_profile)]
+    max_identifiers_per_profile: usize,
+    /// Most profiles merged into one profile over its life.
+    #[arg(long, env = "ROSTER_MAX_MERGES_PER_PROFILE", default_value_t = Limits::default().max_merges_per_profile)]
+    max_merges_per_profile: usize,
 }
 
 impl LimitArgs {
@@ -152,6 +158,8 @@ impl LimitArgs {
             max_profile_bytes: self.max_profile_bytes,
             max_identifier_bytes: self.max_identifier_bytes,
             max_event_bytes: self.max_event_bytes,
+            max_identifiers_per_profile: self.max_identifiers_per_profile,
+            max_merges_per_profile: self.max_merges_per_profile,
         }
     }
 }
