@@ -11,13 +11,17 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use std::time::Duration;
 
-use roster_core::{ErrorCode, FieldError, IdentifierKind, IdentifyCommand, Limits, Timestamp, TrackCommand};
+use roster_core::reserved::normalize_email;
+use roster_core::{
+    DeviceUpdate, ErrorCode, FieldError, IdentifierKind, IdentifyCommand, Limits, Timestamp, TrackCommand,
+};
 use roster_store::{QueryBounds, Store, StoreError, WritePolicy};
 use serde_json::{Map, Value};
 
 pub use keys::{Environment, KeyIndex, Principal};
 pub use roster_store::{
-    EventPage, IdentifyOutcome, Profile, ProfileFilter, ProfilePage, QueryOutput, StoredEvent, TrackOutcome,
+    Device, EventPage, IdentifyOutcome, MergeOutcome, Profile, ProfileFilter, ProfilePage, ProfileSelector,
+    QueryOutput, StoredEvent, TrackOutcome,
 };
 
 /// Errors of an engine operation, each mapping to one public error (status, code, message).
@@ -104,6 +108,19 @@ pub struct IdentifyInput {
     /// The environment slug the caller says it writes to; must be the key's own.
     pub environment: Option<String>,
     /// The client's message id; a resend within the dedup window is applied once.
+    pub message_id: Option<String>,
+    /// The SDK's context; a `device.token` in it registers that device to the profile.
+    pub context: Option<Map<String, Value>>,
+}
+
+/// An alias as a dialect hands it over: `previous_id` (an anonymous id or an earlier distinct
+/// id) now belongs to `user_id`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AliasInput {
+    pub previous_id: Option<String>,
+    pub user_id: Option<String>,
+    pub timestamp: Option<Timestamp>,
+    pub environment: Option<String>,
     pub message_id: Option<String>,
 }
 
@@ -285,7 +302,123 @@ impl Engine {
             input.timestamp.unwrap_or(received_at),
             &self.config.limits,
         )?
-        .with_message_id(input.message_id, &self.config.limits)
+        .with_message_id(input.message_id, &self.config.limits)?
+        .with_context(input.context.as_ref(), &self.config.limits)
+    }
+
+    /// Alias (Segment/Altertable): links `previous_id` to `user_id` under exactly the rules of an
+    /// identify naming both, so the same guards hold (two identified users never merge).
+    pub async fn alias(
+        &self,
+        principal: &Principal,
+        items: Vec<Result<AliasInput, FieldError>>,
+    ) -> EngineResult<Vec<Result<IdentifyOutcome, FieldError>>> {
+        let identifies = items
+            .into_iter()
+            .map(|item| {
+                let alias = item?;
+                let Some(previous_id) = alias.previous_id else {
+                    return Err(FieldError::new(
+                        ErrorCode::MissingIdentifier,
+                        "previous_id",
+                        "an alias needs `previous_id`",
+                    ));
+                };
+                let Some(user_id) = alias.user_id else {
+                    return Err(FieldError::new(ErrorCode::MissingIdentifier, "user_id", "an alias needs `user_id`"));
+                };
+                Ok(IdentifyInput {
+                    user_id: Some(user_id),
+                    anonymous_id: Some(previous_id),
+                    timestamp: alias.timestamp,
+                    environment: alias.environment,
+                    message_id: alias.message_id,
+                    ..IdentifyInput::default()
+                })
+            })
+            .collect();
+        self.identify(principal, identifies).await
+    }
+
+    /// Merges two profiles named explicitly (the only way two identified users merge). Server key.
+    pub async fn merge(
+        &self,
+        principal: &Principal,
+        primary: ProfileSelector,
+        secondary: ProfileSelector,
+    ) -> EngineResult<MergeOutcome> {
+        let environment = principal.require_server()?;
+        let outcome = self.store.merge_profiles(environment.id, primary, secondary, self.config.write_policy()).await?;
+        Ok(outcome?)
+    }
+
+    /// Changes a profile's user id and/or email, keeping its id, traits, devices and events.
+    /// Server key.
+    pub async fn change_identifiers(
+        &self,
+        principal: &Principal,
+        profile_id: &str,
+        user_id: Option<String>,
+        email: Option<String>,
+    ) -> EngineResult<Profile> {
+        let environment = principal.require_server()?;
+        if user_id.is_none() && email.is_none() {
+            return Err(
+                FieldError::new(ErrorCode::MissingIdentifier, "user_id", "send `user_id`, `email`, or both").into()
+            );
+        }
+        let changed = self
+            .store
+            .change_identifiers(environment.id, profile_id, user_id, email, self.config.write_policy())
+            .await??;
+        self.profile(principal, &changed).await
+    }
+
+    /// Erases a profile and everything about it. Server key.
+    pub async fn erase(&self, principal: &Principal, selector: ProfileSelector) -> EngineResult<String> {
+        let environment = principal.require_server()?;
+        self.store
+            .erase_profile(environment.id, selector)
+            .await?
+            .ok_or_else(|| EngineError::NotFound("no profile matches; nothing was erased".into()))
+    }
+
+    /// Suppresses or lifts the suppression of a user id. Server key.
+    pub async fn set_suppressed(&self, principal: &Principal, user_id: &str, suppressed: bool) -> EngineResult<()> {
+        let environment = principal.require_server()?;
+        self.config.limits.validate_identifier(user_id, "user_id")?;
+        Ok(self.store.set_suppressed(environment.id, user_id, suppressed).await?)
+    }
+
+    /// Registers or updates a device of a profile. Server key.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn put_device(
+        &self,
+        principal: &Principal,
+        profile_id: &str,
+        token: &str,
+        platform: Option<String>,
+        attributes: Map<String, Value>,
+        last_status: Option<String>,
+    ) -> EngineResult<Profile> {
+        let environment = principal.require_server()?;
+        let device = DeviceUpdate::new(token.to_owned(), platform, attributes, last_status, &self.config.limits, "")?;
+        if !self.store.upsert_device(environment.id, profile_id, device).await? {
+            return Err(EngineError::NotFound(format!(
+                "no profile `{profile_id}` in environment `{}`",
+                environment.slug
+            )));
+        }
+        self.profile(principal, profile_id).await
+    }
+
+    /// Deletes a device of a profile. Server key.
+    pub async fn delete_device(&self, principal: &Principal, profile_id: &str, token: &str) -> EngineResult<()> {
+        let environment = principal.require_server()?;
+        if self.store.delete_device(environment.id, profile_id, token).await? {
+            return Ok(());
+        }
+        Err(EngineError::NotFound(format!("profile `{profile_id}` has no device `{token}`")))
     }
 
     /// The track write path: each event gets its own result, in order; valid events are recorded
@@ -405,7 +538,14 @@ impl Engine {
         value: &str,
     ) -> EngineResult<Option<Profile>> {
         let environment = principal.require_server()?;
-        Ok(self.store.profile_by_identifier(environment.id, kind, value).await?)
+        let value = match kind {
+            IdentifierKind::Email => match normalize_email(value) {
+                Some(normalized) => normalized,
+                None => return Ok(None),
+            },
+            _ => value.to_owned(),
+        };
+        Ok(self.store.profile_by_identifier(environment.id, kind, &value).await?)
     }
 
     /// A page of profiles. Server key only.

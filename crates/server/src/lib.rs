@@ -5,6 +5,7 @@ mod admin;
 mod auth;
 mod body;
 pub mod error;
+mod graph;
 mod native;
 mod profiles;
 mod query;
@@ -55,9 +56,18 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/identify", post(native::identify))
         .route("/track", post(native::track))
+        .route("/alias", post(native::alias))
         .route("/v1/query", post(query::query))
         .route("/v1/profiles", get(profiles::list_profiles))
-        .route("/v1/profiles/{profile_id}", get(profiles::get_profile))
+        .route("/v1/profiles/merge", post(graph::merge))
+        .route("/v1/profiles/erase", post(graph::erase))
+        .route("/v1/profiles/{profile_id}", get(profiles::get_profile).delete(graph::erase_by_id))
+        .route("/v1/profiles/{profile_id}/identifiers", axum::routing::patch(graph::change_identifiers))
+        .route(
+            "/v1/profiles/{profile_id}/devices/{token}",
+            axum::routing::put(graph::put_device).delete(graph::delete_device),
+        )
+        .route("/v1/suppressions/{user_id}", axum::routing::put(graph::suppress).delete(graph::unsuppress))
         .route("/v1/profiles/{profile_id}/events", get(profiles::list_events))
         .route("/v1/admin/environments", get(admin::list_environments).post(admin::create_environment))
         .route("/v1/admin/environments/{slug}/rotate-keys", post(admin::rotate_keys))

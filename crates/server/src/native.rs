@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use roster_core::{ErrorCode, FieldError, Timestamp};
-use roster_engine::{IdentifyInput, IdentifyOutcome, TrackInput, TrackOutcome};
+use roster_engine::{AliasInput, IdentifyInput, IdentifyOutcome, TrackInput, TrackOutcome};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -28,8 +28,7 @@ struct NativeIdentify {
     user_traits: Option<Map<String, Value>>,
     traits_set_once: Option<Map<String, Value>>,
     timestamp: Option<String>,
-    /// Accepted for compatibility; device context is used by the identity-graph work.
-    #[allow(dead_code)]
+    /// The SDK's context; `context.device.token` registers a device.
     context: Option<Map<String, Value>>,
     /// A resend with the same id inside the dedup window is applied once.
     message_id: Option<String>,
@@ -49,6 +48,38 @@ impl NativeIdentify {
             anonymous_id: self.anonymous_id,
             traits,
             traits_set_once: self.traits_set_once.unwrap_or_default(),
+            timestamp,
+            environment: self.environment,
+            message_id: self.message_id,
+            context: self.context,
+        })
+    }
+}
+
+/// One alias in the native shape: `previous_id` now belongs to `distinct_id` (or `user_id`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NativeAlias {
+    previous_id: Option<String>,
+    distinct_id: Option<String>,
+    user_id: Option<String>,
+    timestamp: Option<String>,
+    message_id: Option<String>,
+    environment: Option<String>,
+    /// Accepted for compatibility.
+    #[allow(dead_code)]
+    context: Option<Map<String, Value>>,
+}
+
+impl NativeAlias {
+    fn into_input(self) -> Result<AliasInput, FieldError> {
+        let timestamp = match &self.timestamp {
+            Some(text) => Some(Timestamp::parse_rfc3339(text, "timestamp")?),
+            None => None,
+        };
+        Ok(AliasInput {
+            previous_id: self.previous_id,
+            user_id: one_of(self.distinct_id, "distinct_id", self.user_id, "user_id")?,
             timestamp,
             environment: self.environment,
             message_id: self.message_id,
@@ -132,6 +163,9 @@ pub struct ItemResponse {
     /// A resend of an already applied message id: nothing was written again.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub duplicate: bool,
+    /// The user id is suppressed: acknowledged, nothing was written.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub suppressed: bool,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub merged_profile_ids: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -160,6 +194,18 @@ pub async fn identify(
     Ok(batch_response(&results, |index| items.item_path(index), identify_item))
 }
 
+/// `POST /alias`, one or an array: links `previous_id` to the user under identify's rules.
+pub async fn alias(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Body(bytes): Body,
+) -> Result<Response, ApiError> {
+    let items = split_items(&bytes)?;
+    let inputs = items.raw.iter().map(|raw| parse_item::<NativeAlias>(raw).and_then(NativeAlias::into_input)).collect();
+    let results = state.engine.alias(&principal, inputs).await?;
+    Ok(batch_response(&results, |index| items.item_path(index), identify_item))
+}
+
 /// `POST /track`, one event or an array; same auth, limits and durability as identify.
 pub async fn track(
     State(state): State<AppState>,
@@ -173,6 +219,9 @@ pub async fn track(
 }
 
 fn identify_item(index: usize, outcome: &IdentifyOutcome) -> ItemResponse {
+    if outcome.suppressed {
+        return ItemResponse { suppressed: true, ..ItemResponse::accepted(index) };
+    }
     ItemResponse {
         profile_id: Some(outcome.profile_id.clone()),
         created: Some(outcome.created),
@@ -188,6 +237,9 @@ fn identify_item(index: usize, outcome: &IdentifyOutcome) -> ItemResponse {
 }
 
 fn track_item(index: usize, outcome: &TrackOutcome) -> ItemResponse {
+    if outcome.suppressed {
+        return ItemResponse { suppressed: true, ..ItemResponse::accepted(index) };
+    }
     ItemResponse {
         profile_id: Some(outcome.profile_id.clone()),
         event_id: Some(outcome.event_id.clone()),
@@ -205,6 +257,7 @@ impl ItemResponse {
             event_id: None,
             created: None,
             duplicate: false,
+            suppressed: false,
             merged_profile_ids: Vec::new(),
             warnings: Vec::new(),
             error: None,

@@ -24,23 +24,51 @@ pub struct ProfileResponse {
     pub user_id: Option<String>,
     pub identified: bool,
     pub anonymous_ids: Vec<String>,
+    /// The email identifier (the normalised `email` trait) when this profile holds it.
+    pub email: Option<String>,
     pub traits: Map<String, Value>,
     /// When each trait was last written (the timestamp of the winning update).
     pub trait_timestamps: BTreeMap<String, String>,
+    pub devices: Vec<DeviceResponse>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeviceResponse {
+    pub token: String,
+    pub platform: Option<String>,
+    pub attributes: Map<String, Value>,
+    pub last_used: Option<String>,
+    pub last_status: Option<String>,
     pub created_at: String,
     pub updated_at: String,
 }
 
 impl ProfileResponse {
-    fn new(profile: Profile, environment: &str) -> Self {
+    pub(crate) fn new(profile: Profile, environment: &str) -> Self {
         ProfileResponse {
             profile_id: profile.profile_id,
             environment: environment.to_owned(),
             user_id: profile.user_id,
             identified: profile.identified,
             anonymous_ids: profile.anonymous_ids,
+            email: profile.email,
             traits: profile.traits,
             trait_timestamps: profile.trait_timestamps.into_iter().map(|(key, at)| (key, at.to_rfc3339())).collect(),
+            devices: profile
+                .devices
+                .into_iter()
+                .map(|device| DeviceResponse {
+                    token: device.token,
+                    platform: device.platform,
+                    attributes: device.attributes,
+                    last_used: device.last_used.map(|at| at.to_rfc3339()),
+                    last_status: device.last_status,
+                    created_at: device.created_at.to_rfc3339(),
+                    updated_at: device.updated_at.to_rfc3339(),
+                })
+                .collect(),
             created_at: profile.created_at.to_rfc3339(),
             updated_at: profile.updated_at.to_rfc3339(),
         }
@@ -55,7 +83,7 @@ pub struct ProfileListResponse {
     pub next_after: Option<String>,
 }
 
-fn environment_slug(principal: &roster_engine::Principal) -> String {
+pub(crate) fn environment_slug(principal: &roster_engine::Principal) -> String {
     principal.environment().map(|environment| environment.slug.clone()).unwrap_or_default()
 }
 
@@ -87,6 +115,7 @@ impl ListQuery {
                 "apiKey" => {}
                 "user_id" | "distinct_id" => parsed.set_identifier(IdentifierKind::UserId, value)?,
                 "anonymous_id" => parsed.set_identifier(IdentifierKind::AnonymousId, value)?,
+                "email" => parsed.set_identifier(IdentifierKind::Email, value)?,
                 "after" => parsed.after = Some(value),
                 "limit" => parsed.limit = parse_limit(&value)?,
                 _ => match name.strip_prefix("trait.") {
@@ -94,7 +123,7 @@ impl ListQuery {
                     None => {
                         return Err(invalid_parameter(
                             &name,
-                            "is not a listing parameter; use user_id, anonymous_id, trait.<key>, limit or after",
+                            "is not a listing parameter; use user_id, anonymous_id, email, trait.<key>, limit or after",
                         ));
                     }
                 },

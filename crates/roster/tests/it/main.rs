@@ -8,6 +8,7 @@ mod bad_input;
 mod cli;
 mod crash;
 mod events;
+mod graph;
 mod identify;
 mod profiles;
 mod query;
