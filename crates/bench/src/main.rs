@@ -144,7 +144,7 @@ fn figures(count: usize, elapsed: Duration, mut latencies: Vec<Duration>) -> Fig
 
 /// The traits of identify number `index`: three typed traits, the same shape for both sides.
 fn traits_of(index: usize) -> serde_json::Value {
-    json!({ "plan": if index % 3 == 0 { "pro" } else { "free" }, "seats": index % 50, "score": (index % 1000) as f64 / 10.0 })
+    json!({ "plan": if index.is_multiple_of(3) { "pro" } else { "free" }, "seats": index % 50, "score": (index % 1000) as f64 / 10.0 })
 }
 
 /// The baseline: what a hand-written program does for the same work. One table keyed by user id,

@@ -203,7 +203,7 @@ impl QueryConnection {
                 "only read-only statements (SELECT, WITH … SELECT) are allowed".into(),
             ));
         }
-        let columns: Vec<String> = statement.column_names().into_iter().map(str::to_owned).collect();
+        let columns: Vec<String> = statement.column_names().map(str::to_owned).collect();
         let mut rows = statement.query([]).map_err(|error| run_error(error, bounds))?;
         let mut output = QueryOutput { columns, rows: Vec::new(), truncated: false };
         while let Some(row) = rows.next().map_err(|error| run_error(error, bounds))? {
@@ -370,6 +370,16 @@ fn describe(action: &AuthAction<'_>) -> String {
     }
 }
 
+fn json_value(value: ValueRef<'_>) -> Value {
+    match value {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(integer) => Value::from(integer),
+        ValueRef::Real(real) => serde_json::Number::from_f64(real).map(Value::Number).unwrap_or(Value::Null),
+        ValueRef::Text(text) => Value::String(String::from_utf8_lossy(text).into_owned()),
+        ValueRef::Blob(bytes) => Value::String(bytes.iter().map(|byte| format!("{byte:02x}")).collect()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::first_keyword;
@@ -392,15 +402,5 @@ mod tests {
         assert!(!has_second_statement("SELECT ';DROP' AS text"));
         assert!(!has_second_statement("SELECT \"a;b\" FROM identities"));
         assert!(!has_second_statement("SELECT 1 /* ; DELETE */"));
-    }
-}
-
-fn json_value(value: ValueRef<'_>) -> Value {
-    match value {
-        ValueRef::Null => Value::Null,
-        ValueRef::Integer(integer) => Value::from(integer),
-        ValueRef::Real(real) => serde_json::Number::from_f64(real).map(Value::Number).unwrap_or(Value::Null),
-        ValueRef::Text(text) => Value::String(String::from_utf8_lossy(text).into_owned()),
-        ValueRef::Blob(bytes) => Value::String(bytes.iter().map(|byte| format!("{byte:02x}")).collect()),
     }
 }
