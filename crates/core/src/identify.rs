@@ -65,19 +65,7 @@ impl IdentifyCommand {
         timestamp: Timestamp,
         limits: &Limits,
     ) -> Result<Self, FieldError> {
-        if user_id.is_none() && anonymous_id.is_none() {
-            return Err(FieldError::new(
-                ErrorCode::MissingIdentifier,
-                "distinct_id",
-                "an identify needs `distinct_id` (or `user_id`) or `anonymous_id`",
-            ));
-        }
-        if let Some(user_id) = &user_id {
-            limits.validate_identifier(user_id, "distinct_id")?;
-        }
-        if let Some(anonymous_id) = &anonymous_id {
-            limits.validate_identifier(anonymous_id, "anonymous_id")?;
-        }
+        validate_identifiers(user_id.as_deref(), anonymous_id.as_deref(), "an identify", limits)?;
         limits.validate_trait_patch(&traits, "traits")?;
         limits.validate_trait_patch(&traits_set_once, "traits_set_once")?;
         crate::reserved::validate_reserved_traits(&traits, "traits")?;
@@ -111,6 +99,29 @@ impl IdentifyCommand {
     }
 }
 
+/// At least one of the user id and the anonymous id, each within the identifier limit.
+fn validate_identifiers(
+    user_id: Option<&str>,
+    anonymous_id: Option<&str>,
+    operation: &str,
+    limits: &Limits,
+) -> Result<(), FieldError> {
+    if user_id.is_none() && anonymous_id.is_none() {
+        return Err(FieldError::new(
+            ErrorCode::MissingIdentifier,
+            "distinct_id",
+            format!("{operation} needs `distinct_id` (or `user_id`) or `anonymous_id`"),
+        ));
+    }
+    if let Some(user_id) = user_id {
+        limits.validate_identifier(user_id, "distinct_id")?;
+    }
+    if let Some(anonymous_id) = anonymous_id {
+        limits.validate_identifier(anonymous_id, "anonymous_id")?;
+    }
+    Ok(())
+}
+
 /// One tracked event, validated: an event name, properties within limits (kept as the JSON text that
 /// will be stored), at least one identifier, a timestamp.
 #[derive(Debug, Clone, PartialEq)]
@@ -133,13 +144,7 @@ impl TrackCommand {
         message_id: Option<String>,
         limits: &Limits,
     ) -> Result<Self, FieldError> {
-        if user_id.is_none() && anonymous_id.is_none() {
-            return Err(FieldError::new(
-                ErrorCode::MissingIdentifier,
-                "distinct_id",
-                "a track needs `distinct_id` (or `user_id`) or `anonymous_id`",
-            ));
-        }
+        validate_identifiers(user_id.as_deref(), anonymous_id.as_deref(), "a track", limits)?;
         let event = event.filter(|name| !name.trim().is_empty()).ok_or_else(|| {
             FieldError::new(ErrorCode::MissingEventName, "event", "a track needs a non-empty `event` name")
         })?;
@@ -149,12 +154,6 @@ impl TrackCommand {
                 "event",
                 format!("event name is {} bytes; the limit is {} bytes", event.len(), limits.max_key_bytes),
             ));
-        }
-        if let Some(user_id) = &user_id {
-            limits.validate_identifier(user_id, "distinct_id")?;
-        }
-        if let Some(anonymous_id) = &anonymous_id {
-            limits.validate_identifier(anonymous_id, "anonymous_id")?;
         }
         if let Some(message_id) = &message_id {
             limits.validate_identifier(message_id, "message_id")?;

@@ -87,9 +87,8 @@ pub trait IdentityTx {
         profile_id: &str,
     ) -> Result<Option<StoredProfile>, StoreError>;
 
-    fn insert_profile(&mut self, environment_id: EnvironmentId, write: &ProfileWrite<'_>) -> Result<(), StoreError>;
-
-    fn update_profile(&mut self, environment_id: EnvironmentId, write: &ProfileWrite<'_>) -> Result<(), StoreError>;
+    /// Writes a profile row, creating it or replacing the stored one.
+    fn save_profile(&mut self, environment_id: EnvironmentId, write: &ProfileWrite<'_>) -> Result<(), StoreError>;
 
     /// Points `(kind, value)` at `profile_id`, whoever held it before.
     fn put_identifier(
@@ -286,7 +285,7 @@ pub fn apply_identify(
     profile.identified |= plan.mark_identified;
     profile.updated_at = received_at;
 
-    if let Err(violation) = write_profile(tx, environment_id, &profile, created, &policy.limits)? {
+    if let Err(violation) = write_profile(tx, environment_id, &profile, &policy.limits)? {
         return Ok(Err(violation));
     }
 
@@ -433,7 +432,7 @@ pub fn apply_merge(
     }
     let changes = absorb_traits(&mut profile, &absorbed);
     profile.updated_at = received_at;
-    if let Err(violation) = write_profile(tx, environment_id, &profile, false, &policy.limits)? {
+    if let Err(violation) = write_profile(tx, environment_id, &profile, &policy.limits)? {
         return Ok(Err(violation));
     }
     let moved_identifiers = tx.identifiers_of(environment_id, &absorbed.profile_id)?;
@@ -508,7 +507,7 @@ pub fn apply_identifier_change(
         ));
     }
     profile.updated_at = received_at;
-    if let Err(violation) = write_profile(tx, environment_id, &profile, false, &policy.limits)? {
+    if let Err(violation) = write_profile(tx, environment_id, &profile, &policy.limits)? {
         return Ok(Err(violation));
     }
     reconcile_email(tx, environment_id, &profile)?;
@@ -543,7 +542,6 @@ fn write_profile(
     tx: &mut impl IdentityTx,
     environment_id: EnvironmentId,
     profile: &StoredProfile,
-    created: bool,
     limits: &Limits,
 ) -> Result<Result<(), FieldError>, StoreError> {
     let traits_json = profile.traits.live_values_json();
@@ -554,12 +552,7 @@ fn write_profile(
     if let Err(violation) = limits.validate_profile(profile.traits.live_count(), stored_bytes) {
         return Ok(Err(violation));
     }
-    let write = ProfileWrite { profile, traits_json, trait_timestamps_json };
-    if created {
-        tx.insert_profile(environment_id, &write)?;
-    } else {
-        tx.update_profile(environment_id, &write)?;
-    }
+    tx.save_profile(environment_id, &ProfileWrite { profile, traits_json, trait_timestamps_json })?;
     Ok(Ok(()))
 }
 
@@ -691,7 +684,7 @@ fn create_unidentified(
     let mut profile = StoredProfile::new(tx.new_id(), received_at);
     profile.user_id = command.user_id.clone();
     let write = ProfileWrite { profile: &profile, traits_json: "{}".into(), trait_timestamps_json: "{}".into() };
-    tx.insert_profile(environment_id, &write)?;
+    tx.save_profile(environment_id, &write)?;
     match (&command.user_id, &command.anonymous_id) {
         (Some(user_id), _) => {
             tx.put_identifier(environment_id, IdentifierKind::UserId, user_id, &profile.profile_id)?

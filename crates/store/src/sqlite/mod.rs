@@ -540,33 +540,15 @@ impl IdentityTx for SqliteIdentityTx<'_> {
         load_row(self.connection, environment_id, profile_id)?.map(StoredProfileRow::into_stored).transpose()
     }
 
-    fn insert_profile(&mut self, environment_id: EnvironmentId, write: &ProfileWrite<'_>) -> StoreResult<()> {
+    fn save_profile(&mut self, environment_id: EnvironmentId, write: &ProfileWrite<'_>) -> StoreResult<()> {
         let profile = write.profile;
         self.connection
             .prepare_cached(
                 "INSERT INTO profiles (profile_id, environment_id, user_id, identified, traits, trait_timestamps, \
-                 created_at, updated_at, merge_count) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?
-            .execute(params![
-                profile.profile_id,
-                environment_id,
-                profile.user_id,
-                profile.identified,
-                write.traits_json,
-                write.trait_timestamps_json,
-                profile.created_at.as_micros(),
-                profile.updated_at.as_micros(),
-                profile.merge_count,
-            ])?;
-        Ok(())
-    }
-
-    fn update_profile(&mut self, environment_id: EnvironmentId, write: &ProfileWrite<'_>) -> StoreResult<()> {
-        let profile = write.profile;
-        self.connection
-            .prepare_cached(
-                "UPDATE profiles SET user_id = ?3, identified = ?4, traits = ?5, trait_timestamps = ?6, \
-                 created_at = ?7, updated_at = ?8, merge_count = ?9 WHERE profile_id = ?1 AND environment_id = ?2",
+                 created_at, updated_at, merge_count) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT (environment_id, profile_id) DO UPDATE SET user_id = excluded.user_id, \
+                 identified = excluded.identified, traits = excluded.traits, trait_timestamps = excluded.trait_timestamps, \
+                 created_at = excluded.created_at, updated_at = excluded.updated_at, merge_count = excluded.merge_count",
             )?
             .execute(params![
                 profile.profile_id,
