@@ -120,3 +120,24 @@ async fn csv_output_on_request() {
     assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/csv"));
     assert_eq!(response.text().await.unwrap(), "distinct_id,plan\r\n\"u,1\",pro\r\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_query_does_not_hold_up_ingest() {
+    let config = EngineConfig { query_timeout: std::time::Duration::from_secs(3), ..EngineConfig::default() };
+    let server = std::sync::Arc::new(TestServer::start_with_config(config, ServerConfig::default()).await);
+    let endless = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT max(i) FROM n";
+    let query = {
+        let server = std::sync::Arc::clone(&server);
+        tokio::spawn(async move { server.post("/v1/query", &server.keys.server_key, &json!({ "sql": endless })).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    for index in 0..20 {
+        server.identify(json!({ "distinct_id": format!("while-querying-{index}"), "traits": { "n": index } })).await;
+    }
+    let ingest_time = started.elapsed();
+    assert!(!query.is_finished(), "the query should still be running while ingest completes");
+    assert!(ingest_time < std::time::Duration::from_secs(2), "ingest waited for the query: {ingest_time:?}");
+    let (status, body) = query.await.unwrap();
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "query_timeout");
+}
