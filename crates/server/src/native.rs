@@ -188,9 +188,23 @@ pub async fn identify(
     Body(bytes): Body,
 ) -> Result<Response, ApiError> {
     let items = split_items(&bytes)?;
-    let inputs =
-        items.raw.iter().map(|raw| parse_item::<NativeIdentify>(raw).and_then(NativeIdentify::into_input)).collect();
-    let results = state.engine.identify(&principal, inputs).await?;
+    let parsed: Vec<Result<NativeIdentify, FieldError>> = items.raw.iter().map(|raw| parse_item(raw)).collect();
+    // Errors about the traits name the spelling the client sent.
+    let sent_user_traits: Vec<bool> = parsed
+        .iter()
+        .map(|item| item.as_ref().is_ok_and(|item| item.traits.is_none() && item.user_traits.is_some()))
+        .collect();
+    let inputs = parsed.into_iter().map(|item| item.and_then(NativeIdentify::into_input)).collect();
+    let mut results = state.engine.identify(&principal, inputs).await?;
+    for (result, user_traits) in results.iter_mut().zip(sent_user_traits) {
+        if let Err(rejection) = result
+            && user_traits
+            && let Some(rest) = rejection.path.strip_prefix("traits")
+        {
+            rejection.path = format!("user_traits{rest}");
+            rejection.message = rejection.message.replace("`traits", "`user_traits");
+        }
+    }
     Ok(batch_response(&results, |index| items.item_path(index), identify_item))
 }
 

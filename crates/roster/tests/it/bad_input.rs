@@ -33,6 +33,11 @@ async fn each_field_rule_is_named_with_its_path() {
         (json!({ "distinct_id": 7 }), "invalid_type", "distinct_id"),
         (json!({ "distinct_id": "u", "traits": "plan=pro" }), "invalid_type", "traits"),
         (json!({ "distinct_id": "u", "traits": { "bio": "x".repeat(2001) } }), "trait_string_too_long", "traits.bio"),
+        (
+            json!({ "user_id": "u", "user_traits": { "bio": "x".repeat(2001) } }),
+            "trait_string_too_long",
+            "user_traits.bio",
+        ),
         (json!({ "distinct_id": "u", "traits": { "k".repeat(257): 1 } }), "trait_key_too_long", ""),
         (json!({ "distinct_id": "u", "traits": { "a": [[[[[[[[[1]]]]]]]]] } }), "trait_nesting_too_deep", ""),
         (json!({ "distinct_id": "u", "timestamp": "last tuesday" }), "invalid_timestamp", "timestamp"),
