@@ -828,6 +828,12 @@ pub async fn identifier_and_merge_caps_are_enforced(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(third[0].as_ref().unwrap_err().code, ErrorCode::TooManyIdentifiers);
+    // At the cap, identifies naming identifiers the profile already holds still go through.
+    let again = store
+        .identify(environment_id, vec![command(Some("u"), Some("a2"), json!({ "k": 1 }), 4)], capped.clone())
+        .await
+        .unwrap();
+    assert!(again[0].is_ok(), "{again:?}");
 
     identify(store, environment_id, command(Some("v"), None, json!({}), 4)).await;
     identify(store, environment_id, command(Some("w"), None, json!({}), 5)).await;

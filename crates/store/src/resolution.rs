@@ -241,6 +241,11 @@ pub fn apply_identify(
     });
 
     let created = plan.target == LinkTarget::New;
+    // The anonymous id is already one of the target's identifiers: linking it adds nothing.
+    let anonymous_already_linked = matches!(
+        (&plan.target, &anonymous_profile),
+        (LinkTarget::Existing(target_id), Some(anonymous)) if *target_id == anonymous.profile_id
+    );
     let mut profile = match &plan.target {
         LinkTarget::New => StoredProfile::new(tx.new_id(), received_at),
         LinkTarget::Existing(profile_id) => take_loaded(profile_id, [user_profile, anonymous_profile])
@@ -264,8 +269,9 @@ pub fn apply_identify(
     changes.extend(profile.traits.apply_patch(&command.traits, command.timestamp));
     changes.extend(profile.traits.apply_patch_if_absent(&command.traits_set_once, command.timestamp));
     changes.extend(fill_name(&mut profile.traits, &command.traits, command.timestamp));
+    let adds_identifier = plan.link_anonymous_id.is_some() && !anonymous_already_linked;
     if !created
-        && (plan.link_anonymous_id.is_some() || absorbed.is_some())
+        && (adds_identifier || absorbed.is_some())
         && let Err(violation) =
             check_identifier_cap(tx, environment_id, &profile.profile_id, absorbed.as_ref(), &policy.limits)?
     {
