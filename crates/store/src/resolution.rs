@@ -578,7 +578,7 @@ fn check_merge_cap(profile: &StoredProfile, absorbed: &StoredProfile, limits: &L
 }
 
 /// Refuses a link or merge that would leave the profile with more identifiers than the cap
-/// (counting one more for a new anonymous id, and the absorbed profile's identifiers).
+/// (counting the absorbed profile's identifiers, or else the one new anonymous id).
 fn check_identifier_cap(
     tx: &mut impl IdentityTx,
     environment_id: EnvironmentId,
@@ -586,9 +586,11 @@ fn check_identifier_cap(
     absorbed: Option<&StoredProfile>,
     limits: &Limits,
 ) -> Result<Result<(), FieldError>, StoreError> {
-    let mut count = tx.identifiers_of(environment_id, profile_id)?.len() + 1;
-    if let Some(absorbed) = absorbed {
-        count += tx.identifiers_of(environment_id, &absorbed.profile_id)?.len();
+    let mut count = tx.identifiers_of(environment_id, profile_id)?.len();
+    match absorbed {
+        // The absorbed profile's identifiers (the linked anonymous id among them) all move over.
+        Some(absorbed) => count += tx.identifiers_of(environment_id, &absorbed.profile_id)?.len(),
+        None => count += 1,
     }
     if count > limits.max_identifiers_per_profile {
         return Ok(Err(FieldError::new(
