@@ -264,27 +264,15 @@ impl Engine {
     ) -> EngineResult<Vec<Result<IdentifyOutcome, FieldError>>> {
         let environment = principal.require_environment()?;
         let received_at = now();
-        let mut results: Vec<Option<Result<IdentifyOutcome, FieldError>>> = Vec::with_capacity(items.len());
-        let mut commands = Vec::with_capacity(items.len());
-        for (index, item) in items.into_iter().enumerate() {
-            let default_time = nth_receive_time(received_at, index);
-            match item.and_then(|input| self.identify_command(environment, input, default_time)) {
-                Ok(command) => {
-                    commands.push(command);
-                    results.push(None);
-                }
-                Err(rejection) => results.push(Some(Err(rejection))),
-            }
-        }
-        let mut applied = if commands.is_empty() {
-            Vec::new().into_iter()
-        } else {
-            self.store.identify(environment.id, commands, self.config.write_policy()).await?.into_iter()
-        };
-        Ok(results
+        let commands = items
             .into_iter()
-            .map(|slot| slot.unwrap_or_else(|| applied.next().unwrap_or_else(|| Err(lost_item()))))
-            .collect())
+            .enumerate()
+            .map(|(index, item)| {
+                item.and_then(|input| self.identify_command(environment, input, nth_receive_time(received_at, index)))
+            })
+            .collect();
+        apply_in_order(commands, |commands| self.store.identify(environment.id, commands, self.config.write_policy()))
+            .await
     }
 
     fn identify_command(
@@ -430,10 +418,11 @@ impl Engine {
     ) -> EngineResult<Vec<Result<TrackOutcome, FieldError>>> {
         let environment = principal.require_environment()?;
         let received_at = now();
-        let mut results: Vec<Option<Result<TrackOutcome, FieldError>>> = Vec::with_capacity(items.len());
-        let mut commands = Vec::with_capacity(items.len());
-        for (index, item) in items.into_iter().enumerate() {
-            let command = item.and_then(|input| {
+        let commands = items
+            .into_iter()
+            .enumerate()
+            .map(|(index, item)| {
+                let input = item?;
                 check_environment(environment, input.environment.as_deref())?;
                 TrackCommand::new(
                     input.user_id,
@@ -444,24 +433,10 @@ impl Engine {
                     input.message_id,
                     &self.config.limits,
                 )
-            });
-            match command {
-                Ok(command) => {
-                    commands.push(command);
-                    results.push(None);
-                }
-                Err(rejection) => results.push(Some(Err(rejection))),
-            }
-        }
-        let mut recorded = if commands.is_empty() {
-            Vec::new().into_iter()
-        } else {
-            self.store.track(environment.id, commands, self.config.write_policy()).await?.into_iter()
-        };
-        Ok(results
-            .into_iter()
-            .map(|slot| slot.unwrap_or_else(|| recorded.next().unwrap_or_else(|| Err(lost_item()))))
-            .collect())
+            })
+            .collect();
+        apply_in_order(commands, |commands| self.store.track(environment.id, commands, self.config.write_policy()))
+            .await
     }
 
     /// A profile's events, newest first. Server key only.
@@ -590,6 +565,34 @@ fn check_environment(environment: &Environment, named: Option<&str>) -> Result<(
         )),
         _ => Ok(()),
     }
+}
+
+/// Sends the valid items to the store in one call and puts each result back in its item's place;
+/// rejected items keep their rejection.
+async fn apply_in_order<Command, Outcome, Apply, Applied>(
+    items: Vec<Result<Command, FieldError>>,
+    apply: Apply,
+) -> EngineResult<Vec<Result<Outcome, FieldError>>>
+where
+    Apply: FnOnce(Vec<Command>) -> Applied,
+    Applied: Future<Output = Result<Vec<Result<Outcome, FieldError>>, StoreError>>,
+{
+    let mut slots: Vec<Option<Result<Outcome, FieldError>>> = Vec::with_capacity(items.len());
+    let mut commands = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            Ok(command) => {
+                commands.push(command);
+                slots.push(None);
+            }
+            Err(rejection) => slots.push(Some(Err(rejection))),
+        }
+    }
+    let mut applied = if commands.is_empty() { Vec::new().into_iter() } else { apply(commands).await?.into_iter() };
+    Ok(slots
+        .into_iter()
+        .map(|slot| slot.unwrap_or_else(|| applied.next().unwrap_or_else(|| Err(lost_item()))))
+        .collect())
 }
 
 /// The store answers one result per command; a shorter answer is a backend bug, reported per item
