@@ -186,15 +186,7 @@ async fn store_phase(options: &Options) -> anyhow::Result<f64> {
     use roster_store::Store;
     let directory = tempfile::tempdir()?;
     let store = Arc::new(SqliteStore::open(directory.path())?);
-    let environment = store
-        .create_environment(roster_store::NewEnvironment {
-            slug: "bench".into(),
-            name: "bench".into(),
-            client_key: "bench".into(),
-            server_key_hash: "bench".into(),
-            created_at: Timestamp::from_micros(0),
-        })
-        .await?;
+    let environment = bench_environment(store.as_ref()).await?;
     let batches: Vec<Vec<IdentifyCommand>> = (0..options.identifies)
         .collect::<Vec<_>>()
         .chunks(options.batch_size)
@@ -377,6 +369,19 @@ async fn single_phase(
     Ok(figures(total, elapsed, latencies))
 }
 
+/// The one environment a store-level benchmark writes to.
+async fn bench_environment(store: &SqliteStore) -> anyhow::Result<roster_store::EnvironmentRecord> {
+    use roster_store::Store;
+    let environment = roster_store::NewEnvironment {
+        slug: "bench".into(),
+        name: "bench".into(),
+        client_key: "bench".into(),
+        server_key_hash: "bench".into(),
+        created_at: roster_core::Timestamp::from_micros(0),
+    };
+    Ok(store.create_environment(environment).await?)
+}
+
 /// Loads `identities` profiles and `events` events straight into a fresh store file (setup, not
 /// measured: the same rows the write path produces, written in large unsynchronised
 /// transactions), then measures SQL through the store's query path, views and guards included.
@@ -384,15 +389,7 @@ async fn query_bench(options: &QueryOptions) -> anyhow::Result<()> {
     use roster_store::{QueryBounds, Store};
     let directory = tempfile::tempdir()?;
     let store = SqliteStore::open(directory.path())?;
-    let environment = store
-        .create_environment(roster_store::NewEnvironment {
-            slug: "bench".into(),
-            name: "bench".into(),
-            client_key: "bench".into(),
-            server_key_hash: "bench".into(),
-            created_at: roster_core::Timestamp::from_micros(0),
-        })
-        .await?;
+    let environment = bench_environment(&store).await?;
     let loading = Instant::now();
     load_rows(store.database_path(), environment.id, options)?;
     println!("loaded {} identities and {} events in {:.2?}", options.identities, options.events, loading.elapsed());
