@@ -628,9 +628,12 @@ pub async fn queries_stop_at_their_time_and_row_limits(store: &dyn Store) {
     assert!(matches!(result, Err(StoreError::QueryTimeout(_))), "{result:?}");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     let many = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100) SELECT i FROM n";
-    let output = store.query(environment_id, many, quick).await.unwrap();
+    let output = store.query(environment_id, many, quick.clone()).await.unwrap();
     assert_eq!(output.rows.len(), 10);
     assert!(output.truncated);
+    // A value too large to build is an error, not an allocation that takes the server down.
+    let huge = store.query(environment_id, "SELECT length(randomblob(1000000000))", quick).await;
+    assert!(matches!(huge, Err(StoreError::QueryFailed(_))), "{huge:?}");
 }
 
 fn with_device(mut command: IdentifyCommand, context: Value) -> IdentifyCommand {

@@ -27,6 +27,13 @@ use crate::{StoreError, StoreResult};
 /// The views users query; the only names a user's statement may read through.
 pub const VIEW_NAMES: [&str; 4] = ["identities", "events", "trait_changes", "devices"];
 
+/// Largest string or blob a user's query may produce, in bytes.
+const MAX_VALUE_BYTES: i32 = 16 * 1024 * 1024;
+
+/// Largest answer a user's query may produce, in bytes of values; past it the answer is cut and
+/// marked truncated, like the row cap.
+const MAX_OUTPUT_BYTES: usize = 64 * 1024 * 1024;
+
 /// Table-valued functions users may call at top level.
 const ALLOWED_TABLE_FUNCTIONS: [&str; 2] = ["json_each", "json_tree"];
 
@@ -120,6 +127,8 @@ impl QueryConnection {
     pub(super) fn open(database_path: &std::path::Path, store_schema: &str) -> StoreResult<Self> {
         let connection = Connection::open_in_memory()?;
         connection.execute_batch("PRAGMA busy_timeout = 10000;")?;
+        // No single value a query builds may exceed this (e.g. `randomblob(1e9)` per row).
+        connection.set_limit(rusqlite::limits::Limit::SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)?;
         connection
             .execute("ATTACH DATABASE ?1 AS ?2", rusqlite::params![database_path.to_string_lossy(), store_schema])?;
         connection.execute_batch(&format!("PRAGMA {store_schema}.mmap_size = 268435456;"))?;
@@ -206,8 +215,9 @@ impl QueryConnection {
         let columns: Vec<String> = statement.column_names().map(str::to_owned).collect();
         let mut rows = statement.query([]).map_err(|error| run_error(error, bounds))?;
         let mut output = QueryOutput { columns, rows: Vec::new(), truncated: false };
+        let mut output_bytes = 0usize;
         while let Some(row) = rows.next().map_err(|error| run_error(error, bounds))? {
-            if output.rows.len() == bounds.max_rows {
+            if output.rows.len() == bounds.max_rows || output_bytes > MAX_OUTPUT_BYTES {
                 output.truncated = true;
                 break;
             }
@@ -215,6 +225,7 @@ impl QueryConnection {
                 .map(|index| row.get_ref(index).map(json_value))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|error| run_error(error, bounds))?;
+            output_bytes += values.iter().map(approximate_size).sum::<usize>();
             output.rows.push(values);
         }
         Ok(output)
@@ -367,6 +378,13 @@ fn describe(action: &AuthAction<'_>) -> String {
         AuthAction::Update { table_name, .. } => format!("UPDATE `{table_name}`"),
         AuthAction::Delete { table_name } => format!("DELETE from `{table_name}`"),
         other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+fn approximate_size(value: &Value) -> usize {
+    match value {
+        Value::String(text) => text.len(),
+        _ => 8,
     }
 }
 
