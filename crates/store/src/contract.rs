@@ -605,6 +605,8 @@ pub async fn queries_refuse_writes_and_escapes(store: &dyn Store) {
         "SELECT sql FROM sqlite_temp_master",
         "SELECT * FROM pragma_table_info('profiles')",
         "SELECT * FROM pragma_database_list",
+        "SELECT count(*) FROM pragma_table_list",
+        "SELECT * FROM sqlite_stat1",
     ] {
         let result = store.query(environment_id, statement, bounds()).await;
         assert!(
@@ -801,6 +803,10 @@ pub async fn an_explicit_merge_joins_two_identified_users(store: &dyn Store) {
     assert_eq!(output.rows, vec![vec![json!("u-main")]]);
     // Later calls with the merged-away user id land on the survivor.
     assert_eq!(record(store, environment_id, track(Some("u-dup"), None, "Later", 30)).await.profile_id, primary);
+    assert_eq!(
+        identify(store, environment_id, command(Some("u-dup"), None, json!({ "late": true }), 31)).await,
+        primary
+    );
 
     let same = store
         .merge_profiles(environment_id, by_user("u-main"), by_user("u-main"), WritePolicy::default())

@@ -226,7 +226,13 @@ pub fn apply_identify(
         }));
     }
     let user_profile = match command.user_id.as_deref() {
-        Some(user_id) => tx.find_by_identifier(environment_id, IdentifierKind::UserId, user_id)?,
+        // A user id merged away explicitly lives on as an anonymous id of the merged person.
+        Some(user_id) => match tx.find_by_identifier(environment_id, IdentifierKind::UserId, user_id)? {
+            Some(profile) => Some(profile),
+            None => tx
+                .find_by_identifier(environment_id, IdentifierKind::AnonymousId, user_id)?
+                .filter(|profile| profile.identified),
+        },
         None => None,
     };
     let anonymous_profile = match command.anonymous_id.as_deref() {
@@ -383,7 +389,13 @@ pub fn apply_track(
     };
     let profile = match found {
         Some(profile) => profile,
-        None => create_unidentified(tx, environment_id, command, received_at)?,
+        None => match &command.anonymous_id {
+            Some(anonymous_id) => match find_anonymous(tx, environment_id, anonymous_id)? {
+                Some(profile) => profile,
+                None => create_unidentified(tx, environment_id, command, received_at)?,
+            },
+            None => create_unidentified(tx, environment_id, command, received_at)?,
+        },
     };
     let identity_traits_json = profile.traits.live_values_json();
     let event_id = tx.new_id();

@@ -820,7 +820,6 @@ impl IdentityTx for SqliteIdentityTx<'_> {
             "DELETE FROM events WHERE environment_id = ?1 AND profile_id = ?2",
             "DELETE FROM trait_history WHERE environment_id = ?1 AND profile_id = ?2",
             "DELETE FROM profile_forwards WHERE environment_id = ?1 AND profile_id = ?2",
-            "DELETE FROM message_ids WHERE environment_id = ?1 AND profile_id = ?2",
         ] {
             self.connection.prepare_cached(sql)?.execute(params![environment_id, profile_id])?;
         }

@@ -348,10 +348,10 @@ fn authorize(context: &AuthContext<'_>, store_schema: &str, denied: &Mutex<Optio
         AuthAction::Select | AuthAction::Recursive | AuthAction::Function { .. } => true,
         AuthAction::Read { table_name, .. } => match context.database_name {
             // The store's tables: only the views can name this schema.
-            Some(schema) if schema == store_schema => true,
+            Some(schema) if schema == store_schema => !table_name.starts_with("sqlite_"),
             Some("temp") => VIEW_NAMES.contains(&table_name),
             // Common table expressions and subqueries of the statement itself.
-            None => true,
+            None => !(table_name.starts_with("sqlite_") || table_name.starts_with("pragma_") || table_name == "dbstat"),
             Some(_) => ALLOWED_TABLE_FUNCTIONS.contains(&table_name),
         },
         _ => false,
