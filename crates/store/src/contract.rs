@@ -701,6 +701,10 @@ pub async fn name_is_filled_from_first_and_last_name(store: &dyn Store) {
     identify(store, environment_id, command(Some("u1"), None, json!({ "first_name": "A.", "name": "Countess" }), 3))
         .await;
     assert_eq!(profile_of(store, environment_id, IdentifierKind::UserId, "u1").await.traits["name"], json!("Countess"));
+    // A name the user chose stays when a part changes later.
+    identify(store, environment_id, command(Some("u1"), None, json!({ "last_name": "Byron" }), 4)).await;
+    let traits = profile_of(store, environment_id, IdentifierKind::UserId, "u1").await.traits;
+    assert_eq!((&traits["name"], &traits["last_name"]), (&json!("Countess"), &json!("Byron")));
 }
 
 pub async fn devices_come_from_context_and_follow_their_current_user(store: &dyn Store) {
@@ -737,7 +741,12 @@ pub async fn devices_come_from_context_and_follow_their_current_user(store: &dyn
     let bob_context = json!({ "device": { "token": "tok-1" } });
     identify(store, environment_id, with_device(command(Some("bob"), None, json!({}), 2), bob_context)).await;
     assert!(profile_of(store, environment_id, IdentifierKind::UserId, "alice").await.devices.is_empty());
-    assert_eq!(profile_of(store, environment_id, IdentifierKind::UserId, "bob").await.devices[0].token, "tok-1");
+    let moved = profile_of(store, environment_id, IdentifierKind::UserId, "bob").await.devices.remove(0);
+    assert_eq!(moved.token, "tok-1");
+    // What alice's app recorded about the device is hers, not bob's.
+    assert!(!moved.attributes.contains_key("push_enabled"), "{:?}", moved.attributes);
+    assert!(!moved.attributes.contains_key("device_model"), "{:?}", moved.attributes);
+    assert_eq!(moved.last_status, None);
     let output = sql(store, environment_id, "SELECT token, distinct_id, platform FROM devices").await;
     assert_eq!(output.rows, vec![vec![json!("tok-1"), json!("bob"), json!("ios")]]);
 
@@ -818,6 +827,106 @@ pub async fn an_explicit_merge_joins_two_identified_users(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(missing.unwrap_err().code, ErrorCode::NotFound);
+}
+
+pub async fn a_merge_reports_what_the_survivor_holds(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    // The primary keeps its own email; the secondary's cannot move and is not reported as moved.
+    identify(store, environment_id, command(Some("keep"), None, json!({ "email": "keep@example.com" }), 10)).await;
+    identify(store, environment_id, command(Some("lose"), Some("dev-l"), json!({ "email": "lose@example.com" }), 5))
+        .await;
+    let merged =
+        store.merge_profiles(environment_id, by_user("keep"), by_user("lose"), WritePolicy::default()).await.unwrap();
+    let mut moved: Vec<(&str, String)> =
+        merged.unwrap().moved_identifiers.into_iter().map(|(kind, value)| (kind.as_str(), value)).collect();
+    moved.sort();
+    assert_eq!(moved, vec![("anonymous_id", "dev-l".to_owned()), ("anonymous_id", "lose".to_owned())]);
+    assert_eq!(
+        profile_of(store, environment_id, IdentifierKind::Email, "keep@example.com").await.user_id.as_deref(),
+        Some("keep")
+    );
+    assert!(
+        store.profile_by_identifier(environment_id, IdentifierKind::Email, "lose@example.com").await.unwrap().is_none()
+    );
+
+    // A primary known only anonymously takes the secondary's user id.
+    let anonymous = identify(store, environment_id, command(None, Some("visitor"), json!({ "seen": 1 }), 1)).await;
+    identify(store, environment_id, command(Some("member"), None, json!({ "plan": "pro" }), 2)).await;
+    let merged = store
+        .merge_profiles(
+            environment_id,
+            ProfileSelector::ProfileId(anonymous.clone()),
+            by_user("member"),
+            WritePolicy::default(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(merged.profile_id, anonymous);
+    assert!(merged.moved_identifiers.contains(&(IdentifierKind::UserId, "member".to_owned())));
+    let survivor = profile_of(store, environment_id, IdentifierKind::UserId, "member").await;
+    assert_eq!((survivor.profile_id.as_str(), survivor.identified), (anonymous.as_str(), true));
+    assert_eq!(survivor.traits, traits(json!({ "seen": 1, "plan": "pro" })));
+}
+
+pub async fn merged_away_profile_ids_forward_for_writes(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    let survivor = identify(store, environment_id, command(Some("main"), None, json!({}), 1)).await;
+    let merged_away = identify(store, environment_id, command(Some("dup"), None, json!({}), 2)).await;
+    store
+        .merge_profiles(environment_id, by_user("main"), by_user("dup"), WritePolicy::default())
+        .await
+        .unwrap()
+        .unwrap();
+
+    let device =
+        DeviceUpdate::new("tok-f".into(), Some("android".into()), Map::new(), None, &Limits::default(), "").unwrap();
+    assert!(store.upsert_device(environment_id, &merged_away, device).await.unwrap());
+    assert_eq!(profile_of(store, environment_id, IdentifierKind::UserId, "main").await.devices[0].token, "tok-f");
+    assert!(store.delete_device(environment_id, &merged_away, "tok-f").await.unwrap());
+    let changed = store
+        .change_identifiers(environment_id, &merged_away, Some("main-2".into()), None, WritePolicy::default())
+        .await
+        .unwrap();
+    assert_eq!(changed.unwrap(), survivor);
+    assert_eq!(profile_of(store, environment_id, IdentifierKind::UserId, "main-2").await.profile_id, survivor);
+    let erased = store.erase_profile(environment_id, ProfileSelector::ProfileId(merged_away.clone())).await.unwrap();
+    assert_eq!(erased.as_deref(), Some(survivor.as_str()));
+    assert!(store.profile(environment_id, &survivor).await.unwrap().is_none());
+    assert!(store.profile(environment_id, &merged_away).await.unwrap().is_none());
+}
+
+pub async fn suppression_covers_every_identifier_of_the_person(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    identify(store, environment_id, command(Some("quiet"), Some("quiet-device"), json!({ "v": 1 }), 1)).await;
+    identify(store, environment_id, command(Some("other"), None, json!({}), 1)).await;
+    store.set_suppressed(environment_id, "quiet", true).await.unwrap();
+
+    // Calls naming the suppressed person only by an anonymous id are dropped as well.
+    let outcome = store
+        .identify(
+            environment_id,
+            vec![command(None, Some("quiet-device"), json!({ "v": 2 }), 2)],
+            WritePolicy::default(),
+        )
+        .await
+        .unwrap();
+    assert!(outcome[0].as_ref().unwrap().suppressed);
+    let tracked = store
+        .track(environment_id, vec![track(None, Some("quiet-device"), "Dropped", 3)], WritePolicy::default())
+        .await
+        .unwrap();
+    assert!(tracked[0].as_ref().unwrap().suppressed);
+    assert_eq!(profile_of(store, environment_id, IdentifierKind::UserId, "quiet").await.traits["v"], json!(1));
+    assert!(sql(store, environment_id, "SELECT event FROM events").await.rows.is_empty());
+
+    // Nobody can be moved onto a suppressed id.
+    let other = profile_of(store, environment_id, IdentifierKind::UserId, "other").await.profile_id;
+    let refused = store
+        .change_identifiers(environment_id, &other, Some("quiet".into()), None, WritePolicy::default())
+        .await
+        .unwrap();
+    assert_eq!(refused.unwrap_err().code, ErrorCode::IdentifierSuppressed);
 }
 
 pub async fn identifier_and_merge_caps_are_enforced(store: &dyn Store) {
@@ -1021,6 +1130,9 @@ macro_rules! store_contract_suite {
             name_is_filled_from_first_and_last_name,
             devices_come_from_context_and_follow_their_current_user,
             an_explicit_merge_joins_two_identified_users,
+            a_merge_reports_what_the_survivor_holds,
+            merged_away_profile_ids_forward_for_writes,
+            suppression_covers_every_identifier_of_the_person,
             identifier_and_merge_caps_are_enforced,
             identifiers_change_while_the_profile_stays,
             erasure_removes_everything_about_a_person,

@@ -102,6 +102,28 @@ pub struct TrackOutcome {
     pub suppressed: bool,
 }
 
+impl IdentifyOutcome {
+    /// The answer to a call for a suppressed person: acknowledged, nothing written.
+    pub fn suppressed() -> Self {
+        IdentifyOutcome {
+            profile_id: String::new(),
+            created: false,
+            duplicate: false,
+            suppressed: true,
+            merged_profile_ids: Vec::new(),
+            changed_traits: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+}
+
+impl TrackOutcome {
+    /// The answer to a call for a suppressed person: acknowledged, nothing written.
+    pub fn suppressed() -> Self {
+        TrackOutcome { event_id: String::new(), profile_id: String::new(), duplicate: false, suppressed: true }
+    }
+}
+
 /// How writes are applied, beyond the limits of one item.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WritePolicy {

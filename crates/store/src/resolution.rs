@@ -87,6 +87,13 @@ pub trait IdentityTx {
         profile_id: &str,
     ) -> Result<Option<StoredProfile>, StoreError>;
 
+    /// The survivor a merged-away profile id forwards to, if it was merged away.
+    fn forwarded_profile_id(
+        &mut self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+    ) -> Result<Option<String>, StoreError>;
+
     /// Writes a profile row, creating it or replacing the stored one.
     fn save_profile(&mut self, environment_id: EnvironmentId, write: &ProfileWrite<'_>) -> Result<(), StoreError>;
 
@@ -215,15 +222,7 @@ pub fn apply_identify(
     if let Some(user_id) = &command.user_id
         && tx.is_suppressed(environment_id, user_id)?
     {
-        return Ok(Ok(IdentifyOutcome {
-            profile_id: String::new(),
-            created: false,
-            duplicate: false,
-            suppressed: true,
-            merged_profile_ids: Vec::new(),
-            changed_traits: Vec::new(),
-            warnings: Vec::new(),
-        }));
+        return Ok(Ok(IdentifyOutcome::suppressed()));
     }
     let user_profile = match command.user_id.as_deref() {
         // A user id merged away explicitly lives on as an anonymous id of the merged person.
@@ -257,6 +256,10 @@ pub fn apply_identify(
         LinkTarget::Existing(profile_id) => take_loaded(profile_id, [user_profile, anonymous_profile])
             .ok_or_else(|| StoreError::Corrupt(format!("identifier points at missing profile {profile_id}")))?,
     };
+    // Calls naming a suppressed person by another identifier (an anonymous id) are dropped too.
+    if owner_is_suppressed(tx, environment_id, &profile, command.user_id.as_deref())? {
+        return Ok(Ok(IdentifyOutcome::suppressed()));
+    }
 
     let absorbed = match &plan.absorb_profile_id {
         Some(absorbed_id) => Some(
@@ -267,19 +270,28 @@ pub fn apply_identify(
     };
     let mut changes: Vec<TraitChange> = Vec::new();
     if let Some(absorbed) = &absorbed {
-        if let Err(violation) = check_merge_cap(&profile, absorbed, &policy.limits) {
+        if let Err(violation) = check_merge_cap(&profile, absorbed, &policy.limits, "anonymous_id") {
             return Ok(Err(violation));
         }
         changes.extend(absorb_traits(&mut profile, absorbed));
     }
+    let name_follows_parts = name_is_derived(&profile.traits);
     changes.extend(profile.traits.apply_patch(&command.traits, command.timestamp));
     changes.extend(profile.traits.apply_patch_if_absent(&command.traits_set_once, command.timestamp));
-    changes.extend(fill_name(&mut profile.traits, &command.traits, command.timestamp));
+    if name_follows_parts {
+        changes.extend(fill_name(&mut profile.traits, &command.traits, command.timestamp));
+    }
     let adds_identifier = plan.link_anonymous_id.is_some() && !anonymous_already_linked;
     if !created
         && (adds_identifier || absorbed.is_some())
-        && let Err(violation) =
-            check_identifier_cap(tx, environment_id, &profile.profile_id, absorbed.as_ref(), &policy.limits)?
+        && let Err(violation) = check_identifier_cap(
+            tx,
+            environment_id,
+            &profile.profile_id,
+            absorbed.as_ref(),
+            &policy.limits,
+            "anonymous_id",
+        )?
     {
         return Ok(Err(violation));
     }
@@ -371,12 +383,7 @@ pub fn apply_track(
     if let Some(user_id) = &command.user_id
         && tx.is_suppressed(environment_id, user_id)?
     {
-        return Ok(Ok(TrackOutcome {
-            event_id: String::new(),
-            profile_id: String::new(),
-            duplicate: false,
-            suppressed: true,
-        }));
+        return Ok(Ok(TrackOutcome::suppressed()));
     }
     let found = match (&command.user_id, &command.anonymous_id) {
         // A pre-login distinct id that arrives after login is an anonymous id of the user by now.
@@ -397,6 +404,9 @@ pub fn apply_track(
             None => create_unidentified(tx, environment_id, command, received_at)?,
         },
     };
+    if owner_is_suppressed(tx, environment_id, &profile, command.user_id.as_deref())? {
+        return Ok(Ok(TrackOutcome::suppressed()));
+    }
     let identity_traits_json = profile.traits.live_values_json();
     let event_id = tx.new_id();
     let distinct_id = profile.user_id.as_deref().or(command.user_id.as_deref()).or(command.anonymous_id.as_deref());
@@ -440,21 +450,34 @@ pub fn apply_merge(
     if absorbed.profile_id == profile.profile_id {
         return Ok(Err(FieldError::new(ErrorCode::InvalidType, "secondary", "names the same profile as `primary`")));
     }
-    if let Err(violation) = check_merge_cap(&profile, &absorbed, &policy.limits) {
+    if let Err(violation) = check_merge_cap(&profile, &absorbed, &policy.limits, "secondary") {
         return Ok(Err(violation));
     }
     if let Err(violation) =
-        check_identifier_cap(tx, environment_id, &profile.profile_id, Some(&absorbed), &policy.limits)?
+        check_identifier_cap(tx, environment_id, &profile.profile_id, Some(&absorbed), &policy.limits, "secondary")?
     {
         return Ok(Err(violation));
     }
     let changes = absorb_traits(&mut profile, &absorbed);
+    // A primary known only anonymously takes the secondary's user id instead of demoting it.
+    let inherited_user_id = match &profile.user_id {
+        None => absorbed.user_id.clone(),
+        Some(_) => None,
+    };
+    if inherited_user_id.is_some() {
+        profile.user_id = inherited_user_id.clone();
+    }
+    profile.identified |= absorbed.identified;
     profile.updated_at = received_at;
     if let Err(violation) = write_profile(tx, environment_id, &profile, &policy.limits)? {
         return Ok(Err(violation));
     }
-    let moved_identifiers = tx.identifiers_of(environment_id, &absorbed.profile_id)?;
+    let absorbed_identifiers = tx.identifiers_of(environment_id, &absorbed.profile_id)?;
     move_absorbed(tx, environment_id, &profile.profile_id, &absorbed)?;
+    if let Some(user_id) = &inherited_user_id {
+        tx.delete_identifier(environment_id, IdentifierKind::AnonymousId, user_id)?;
+        tx.put_identifier(environment_id, IdentifierKind::UserId, user_id, &profile.profile_id)?;
+    }
     if let Some(user_id) = &profile.user_id {
         tx.set_events_distinct_id(environment_id, &profile.profile_id, user_id)?;
     }
@@ -462,11 +485,17 @@ pub fn apply_merge(
     if !changes.is_empty() {
         tx.record_trait_changes(environment_id, &profile.profile_id, &changes_json(&changes), received_at)?;
     }
-    let moved_identifiers = moved_identifiers
+    // Reported as the survivor holds them now: a demoted user id as an anonymous id, and an email
+    // the survivor could not keep (it has an email of its own) not at all.
+    let moved_identifiers = tx
+        .identifiers_of(environment_id, &profile.profile_id)?
         .into_iter()
-        .map(|(kind, value)| match kind {
-            IdentifierKind::UserId => (IdentifierKind::AnonymousId, value),
-            other => (other, value),
+        .filter(|(kind, value)| {
+            absorbed_identifiers.iter().any(|(absorbed_kind, absorbed_value)| {
+                absorbed_value == value
+                    && (absorbed_kind == kind
+                        || (*absorbed_kind == IdentifierKind::UserId && *kind == IdentifierKind::AnonymousId))
+            })
         })
         .collect();
     Ok(Ok(MergeOutcome {
@@ -488,12 +517,20 @@ pub fn apply_identifier_change(
     policy: &WritePolicy,
     received_at: Timestamp,
 ) -> Result<Result<String, FieldError>, StoreError> {
-    let Some(mut profile) = tx.load_profile(environment_id, profile_id)? else {
+    let Some(mut profile) = resolve(tx, environment_id, &ProfileSelector::ProfileId(profile_id.to_owned()))? else {
         return Ok(Err(FieldError::new(ErrorCode::NotFound, "profile_id", format!("no profile `{profile_id}`"))));
     };
     if let Some(new_user_id) = new_user_id {
         if let Err(invalid) = policy.limits.validate_identifier(new_user_id, "user_id") {
             return Ok(Err(invalid));
+        }
+        // Moving a profile onto a suppressed id would let its data back in by the side door.
+        if profile.user_id.as_deref() != Some(new_user_id) && tx.is_suppressed(environment_id, new_user_id)? {
+            return Ok(Err(FieldError::new(
+                ErrorCode::IdentifierSuppressed,
+                "user_id",
+                format!("`{new_user_id}` is suppressed; unsuppress it first"),
+            )));
         }
         if let Some(owner) = tx.find_by_identifier(environment_id, IdentifierKind::UserId, new_user_id)?
             && owner.profile_id != profile.profile_id
@@ -535,6 +572,46 @@ pub fn apply_identifier_change(
     Ok(Ok(profile.profile_id))
 }
 
+/// Registers or updates a device on the profile an id names (following a merged-away id to its
+/// survivor); `false` when it names no profile.
+pub fn apply_device_upsert(
+    tx: &mut impl IdentityTx,
+    environment_id: EnvironmentId,
+    profile_id: &str,
+    device: &DeviceUpdate,
+    at: Timestamp,
+) -> Result<bool, StoreError> {
+    let Some(profile) = resolve(tx, environment_id, &ProfileSelector::ProfileId(profile_id.to_owned()))? else {
+        return Ok(false);
+    };
+    tx.upsert_device(environment_id, &profile.profile_id, device, at)?;
+    Ok(true)
+}
+
+/// Deletes a device of the profile an id names (following a merged-away id); whether it existed.
+pub fn apply_device_delete(
+    tx: &mut impl IdentityTx,
+    environment_id: EnvironmentId,
+    profile_id: &str,
+    token: &str,
+) -> Result<bool, StoreError> {
+    let Some(profile) = resolve(tx, environment_id, &ProfileSelector::ProfileId(profile_id.to_owned()))? else {
+        return Ok(false);
+    };
+    tx.delete_device(environment_id, &profile.profile_id, token)
+}
+
+/// Erases the profile a selector names and everything about it; the erased id, if any.
+pub fn apply_erase(
+    tx: &mut impl IdentityTx,
+    environment_id: EnvironmentId,
+    selector: &ProfileSelector,
+) -> Result<Option<String>, StoreError> {
+    let Some(profile) = resolve(tx, environment_id, selector)? else { return Ok(None) };
+    tx.erase_profile(environment_id, &profile.profile_id)?;
+    Ok(Some(profile.profile_id))
+}
+
 fn taken(field: &str, value: &str, owner: &str) -> FieldError {
     FieldError::new(ErrorCode::IdentifierTaken, field, format!("`{value}` already identifies profile {owner}"))
 }
@@ -546,7 +623,16 @@ pub fn resolve(
     selector: &ProfileSelector,
 ) -> Result<Option<StoredProfile>, StoreError> {
     match selector {
-        ProfileSelector::ProfileId(profile_id) => tx.load_profile(environment_id, profile_id),
+        ProfileSelector::ProfileId(profile_id) => {
+            if let Some(profile) = tx.load_profile(environment_id, profile_id)? {
+                return Ok(Some(profile));
+            }
+            // A merged-away id stands for its survivor, for writes as for reads.
+            match tx.forwarded_profile_id(environment_id, profile_id)? {
+                Some(survivor_id) => tx.load_profile(environment_id, &survivor_id),
+                None => Ok(None),
+            }
+        }
         ProfileSelector::Identifier(IdentifierKind::Email, email) => match normalize_email(email) {
             Some(normalized) => tx.find_by_identifier(environment_id, IdentifierKind::Email, &normalized),
             None => Ok(None),
@@ -574,12 +660,17 @@ fn write_profile(
     Ok(Ok(()))
 }
 
-fn check_merge_cap(profile: &StoredProfile, absorbed: &StoredProfile, limits: &Limits) -> Result<(), FieldError> {
+fn check_merge_cap(
+    profile: &StoredProfile,
+    absorbed: &StoredProfile,
+    limits: &Limits,
+    field: &str,
+) -> Result<(), FieldError> {
     let merges = profile.merge_count + absorbed.merge_count + 1;
     if usize::try_from(merges).unwrap_or(usize::MAX) > limits.max_merges_per_profile {
         return Err(FieldError::new(
             ErrorCode::TooManyMerges,
-            "anonymous_id",
+            field,
             format!(
                 "merging would make {merges} merges into profile {}; the limit is {} per profile",
                 profile.profile_id, limits.max_merges_per_profile
@@ -597,6 +688,7 @@ fn check_identifier_cap(
     profile_id: &str,
     absorbed: Option<&StoredProfile>,
     limits: &Limits,
+    field: &str,
 ) -> Result<Result<(), FieldError>, StoreError> {
     let mut count = tx.identifiers_of(environment_id, profile_id)?.len();
     match absorbed {
@@ -607,7 +699,7 @@ fn check_identifier_cap(
     if count > limits.max_identifiers_per_profile {
         return Ok(Err(FieldError::new(
             ErrorCode::TooManyIdentifiers,
-            "anonymous_id",
+            field,
             format!(
                 "profile {profile_id} would hold {count} identifiers; the limit is {} per profile",
                 limits.max_identifiers_per_profile
@@ -639,6 +731,15 @@ fn move_absorbed(
     tx.move_identifiers(environment_id, &absorbed.profile_id, target_id)?;
     tx.move_activity(environment_id, &absorbed.profile_id, target_id)?;
     tx.retire_profile(environment_id, &absorbed.profile_id, target_id)
+}
+
+/// Whether the profile's `name` may be (re)computed from its parts: it has none, or the one it has
+/// is exactly what its current `first_name`/`last_name` make (so a name the user chose is kept).
+fn name_is_derived(traits: &TraitSet) -> bool {
+    let Some(name) = traits.get("name").and_then(|entry| entry.value.as_ref()) else { return true };
+    let first = traits.get("first_name").and_then(|entry| entry.value.as_ref());
+    let last = traits.get("last_name").and_then(|entry| entry.value.as_ref());
+    full_name(first, last).is_some_and(|derived| name.as_str() == Some(derived.as_str()))
 }
 
 /// `name` from `first_name`/`last_name` when the patch sets either and does not send `name`.
@@ -779,6 +880,19 @@ fn find_anonymous(
     // A user id named as an anonymous id: a track-only distinct id merges in; an identified
     // user's id makes the linking rules answer with a warning instead of linking it twice.
     tx.find_by_identifier(environment_id, IdentifierKind::UserId, anonymous_id)
+}
+
+/// Whether the profile's own user id is suppressed (`already_checked` was checked by the caller).
+fn owner_is_suppressed(
+    tx: &mut impl IdentityTx,
+    environment_id: EnvironmentId,
+    profile: &StoredProfile,
+    already_checked: Option<&str>,
+) -> Result<bool, StoreError> {
+    match profile.user_id.as_deref() {
+        Some(owner) if Some(owner) != already_checked => tx.is_suppressed(environment_id, owner),
+        _ => Ok(false),
+    }
 }
 
 /// Reuses a profile already loaded by a lookup instead of reading it again.

@@ -85,6 +85,14 @@ async fn identifiers_change_but_the_profile_id_stays() {
     let (status, body) =
         server.send(reqwest::Method::PATCH, &path, &server.keys.client_key, Some(json!({ "user_id": "x" }))).await;
     assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+
+    // A suppressed id cannot be given to a profile.
+    let (status, _) = server.send(reqwest::Method::PUT, "/v1/suppressions/hidden", &server.keys.server_key, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) =
+        server.send(reqwest::Method::PATCH, &path, &server.keys.server_key, Some(json!({ "user_id": "hidden" }))).await;
+    assert_error(status, &body, StatusCode::CONFLICT, "identifier_suppressed");
+    assert_eq!(body["path"], "user_id");
 }
 
 #[tokio::test]
@@ -143,6 +151,27 @@ async fn an_explicit_merge_joins_two_users_and_reports_what_moved() {
         )
         .await;
     assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+
+    // The merged-away id forwards to the survivor for writes too.
+    let old_id = secondary["profile_id"].as_str().unwrap();
+    let (status, body) = server
+        .send(
+            reqwest::Method::PUT,
+            &format!("/v1/profiles/{old_id}/devices/tok-m"),
+            &server.keys.server_key,
+            Some(json!({ "platform": "ios" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["profile_id"], primary["profile_id"]);
+    let (status, body) =
+        server.send(reqwest::Method::DELETE, &format!("/v1/profiles/{old_id}"), &server.keys.client_key, None).await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+    let (status, body) =
+        server.send(reqwest::Method::DELETE, &format!("/v1/profiles/{old_id}"), &server.keys.server_key, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, found) = server.get("/v1/profiles?user_id=main", &server.keys.server_key).await;
+    assert_eq!(found["profiles"], json!([]));
 }
 
 #[tokio::test]
@@ -168,6 +197,8 @@ async fn devices_are_registered_from_context_and_managed_by_token() {
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["devices"].as_array().unwrap().len(), 2);
+    let (status, body) = server.send(reqwest::Method::DELETE, &path, &server.keys.client_key, None).await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
     let (status, _) = server.send(reqwest::Method::DELETE, &path, &server.keys.server_key, None).await;
     assert_eq!(status, StatusCode::OK);
     let (status, body) = server.send(reqwest::Method::DELETE, &path, &server.keys.server_key, None).await;
@@ -236,8 +267,47 @@ async fn suppressed_user_ids_are_acknowledged_and_dropped_until_lifted() {
     let (status, _) =
         server.send(reqwest::Method::DELETE, "/v1/suppressions/quiet", &server.keys.server_key, None).await;
     assert_eq!(status, StatusCode::OK);
-    server.identify(json!({ "distinct_id": "quiet", "traits": { "a": 2 } })).await;
+    server.identify(json!({ "distinct_id": "quiet", "anonymous_id": "quiet-laptop", "traits": { "a": 2 } })).await;
     assert_eq!(server.profile_of_user("quiet").await["traits"], json!({ "a": 2 }));
+
+    // Once suppressed again, calls naming the person only by a linked anonymous id drop too.
+    server.send(reqwest::Method::PUT, "/v1/suppressions/quiet", &server.keys.server_key, None).await;
+    let item = server.identify(json!({ "anonymous_id": "quiet-laptop", "traits": { "a": 3 } })).await;
+    assert_eq!(item["suppressed"], true);
+    let event = server.track(json!({ "event": "E", "anonymous_id": "quiet-laptop" })).await;
+    assert_eq!(event["suppressed"], true);
+    assert_eq!(server.sql("SELECT count(*) FROM events").await["rows"], json!([[0]]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_identifies_for_a_new_user_id_create_exactly_one_profile() {
+    let server = Arc::new(TestServer::start().await);
+    for round in 0..20 {
+        let user_id = format!("newcomer-{round}");
+        let tasks: Vec<_> = (0..6)
+            .map(|racer| {
+                let (server, user_id) = (Arc::clone(&server), user_id.clone());
+                tokio::spawn(async move {
+                    server
+                        .identify(json!({ "distinct_id": user_id, "anonymous_id": format!("device-{round}-{racer}"),
+                                          "traits": { format!("from_{racer}"): racer } }))
+                        .await
+                })
+            })
+            .collect();
+        let mut profile_ids = Vec::new();
+        for task in tasks {
+            profile_ids.push(task.await.unwrap()["profile_id"].clone());
+        }
+        profile_ids.dedup();
+        assert_eq!(profile_ids.len(), 1, "round {round}: every racer lands on one profile");
+        let (_, found) = server.get(&format!("/v1/profiles?user_id={user_id}"), &server.keys.server_key).await;
+        assert_eq!(found["profiles"].as_array().unwrap().len(), 1);
+        assert_eq!(found["profiles"][0]["anonymous_ids"].as_array().unwrap().len(), 6, "round {round}");
+        assert_eq!(found["profiles"][0]["traits"].as_object().unwrap().len(), 6, "round {round}");
+    }
+    let counted = server.sql("SELECT count(*), count(DISTINCT distinct_id) FROM identities").await;
+    assert_eq!(counted["rows"], json!([[20, 20]]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -23,8 +23,8 @@ use crate::model::{
     ProfilePage, ProfileSelector, QueryBounds, QueryOutput, StoredEvent, WritePolicy,
 };
 use crate::resolution::{
-    EventWrite, IdentityTx, ProfileWrite, SeenMessage, StoredProfile, apply_identifier_change, apply_identify,
-    apply_merge, apply_track, resolve,
+    EventWrite, IdentityTx, ProfileWrite, SeenMessage, StoredProfile, apply_device_delete, apply_device_upsert,
+    apply_erase, apply_identifier_change, apply_identify, apply_merge, apply_track,
 };
 use crate::{ItemResult, Store, StoreError, StoreResult, TrackResult};
 
@@ -178,6 +178,9 @@ impl SqliteStore {
             idle: Mutex::new(Vec::new()),
             idle_query: Mutex::new(Vec::new()),
             store_schema: format!("store_{}", uuid::Uuid::now_v7().simple()),
+            query_slots: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZero::get).max(2),
+            )),
         });
         Ok(SqliteStore { database_path, write_queue, readers })
     }
@@ -230,13 +233,15 @@ impl SqliteStore {
 fn configure_writer(connection: &Connection) -> StoreResult<()> {
     // WAL: readers never block on the writer. synchronous=FULL: the WAL is fsync'd at every
     // commit, so an acknowledged write survives power loss, not only a process crash.
+    // secure_delete: an erased person's data is overwritten in the file, not only unlinked.
     connection.execute_batch(
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
          PRAGMA busy_timeout = 10000;
          PRAGMA foreign_keys = OFF;
          PRAGMA cache_size = -65536;
-         PRAGMA mmap_size = 268435456;",
+         PRAGMA mmap_size = 268435456;
+         PRAGMA secure_delete = ON;",
     )?;
     disable_replanning(connection)?;
     let mode: String = connection.query_row("PRAGMA journal_mode", [], |row| row.get(0))?;
@@ -334,6 +339,9 @@ struct ReaderPool {
     idle_query: Mutex<Vec<query::QueryConnection>>,
     /// The schema name query connections attach the store under; random, so users cannot name it.
     store_schema: String,
+    /// Users' statements running at once: a burst of heavy queries waits its turn instead of
+    /// taking every blocking thread and core from ingest.
+    query_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl ReaderPool {
@@ -538,6 +546,16 @@ impl IdentityTx for SqliteIdentityTx<'_> {
 
     fn load_profile(&mut self, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<Option<StoredProfile>> {
         load_row(self.connection, environment_id, profile_id)?.map(StoredProfileRow::into_stored).transpose()
+    }
+
+    fn forwarded_profile_id(&mut self, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<Option<String>> {
+        Ok(self
+            .connection
+            .prepare_cached(
+                "SELECT profile_id FROM profile_forwards WHERE environment_id = ?1 AND old_profile_id = ?2",
+            )?
+            .query_row(params![environment_id, profile_id], |row| row.get(0))
+            .optional()?)
     }
 
     fn save_profile(&mut self, environment_id: EnvironmentId, write: &ProfileWrite<'_>) -> StoreResult<()> {
@@ -764,14 +782,20 @@ impl IdentityTx for SqliteIdentityTx<'_> {
         device: &DeviceUpdate,
         at: Timestamp,
     ) -> StoreResult<()> {
-        let existing: Option<(String, i64)> = self
+        let existing: Option<(String, String, i64)> = self
             .connection
-            .prepare_cached("SELECT attributes, created_at FROM devices WHERE environment_id = ?1 AND token = ?2")?
-            .query_row(params![environment_id, device.token], |row| Ok((row.get(0)?, row.get(1)?)))
+            .prepare_cached(
+                "SELECT profile_id, attributes, created_at FROM devices WHERE environment_id = ?1 AND token = ?2",
+            )?
+            .query_row(params![environment_id, device.token], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
             .optional()?;
+        // A token changing hands starts afresh: what the previous owner's app recorded is theirs.
+        let changes_hands = existing.as_ref().is_some_and(|(owner, _, _)| owner != profile_id);
         let (mut attributes, created_at) = match existing {
-            Some((attributes, created_at)) => (parse_object(&attributes, &device.token)?, created_at),
-            None => (Map::new(), at.as_micros()),
+            Some((_, attributes, created_at)) if !changes_hands => {
+                (parse_object(&attributes, &device.token)?, created_at)
+            }
+            _ => (Map::new(), at.as_micros()),
         };
         for (key, value) in &device.attributes {
             if value.is_null() {
@@ -788,7 +812,9 @@ impl IdentityTx for SqliteIdentityTx<'_> {
                  ON CONFLICT (environment_id, token) DO UPDATE SET profile_id = excluded.profile_id, \
                  platform = COALESCE(excluded.platform, devices.platform), attributes = excluded.attributes, \
                  last_used = COALESCE(excluded.last_used, devices.last_used), \
-                 last_status = COALESCE(excluded.last_status, devices.last_status), updated_at = excluded.updated_at",
+                 last_status = CASE WHEN ?10 THEN excluded.last_status \
+                     ELSE COALESCE(excluded.last_status, devices.last_status) END, \
+                 created_at = excluded.created_at, updated_at = excluded.updated_at",
             )?
             .execute(params![
                 environment_id,
@@ -800,6 +826,7 @@ impl IdentityTx for SqliteIdentityTx<'_> {
                 device.last_status,
                 created_at,
                 at.as_micros(),
+                changes_hands,
             ])?;
         Ok(())
     }
@@ -1095,7 +1122,9 @@ impl Store for SqliteStore {
     async fn query(&self, environment_id: EnvironmentId, sql: &str, bounds: QueryBounds) -> StoreResult<QueryOutput> {
         let sql = sql.to_owned();
         let readers = Arc::clone(&self.readers);
+        let slot = Arc::clone(&readers.query_slots).acquire_owned().await.map_err(|_| StoreError::Closed)?;
         tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             let mut connection = readers.take_query()?;
             let result = connection.run(environment_id, &sql, &bounds);
             readers.give_back_query(connection);
@@ -1148,13 +1177,7 @@ impl Store for SqliteStore {
         environment_id: EnvironmentId,
         selector: ProfileSelector,
     ) -> StoreResult<Option<String>> {
-        self.write(move |connection| {
-            let mut tx = SqliteIdentityTx { connection };
-            let Some(profile) = resolve(&mut tx, environment_id, &selector)? else { return Ok(None) };
-            tx.erase_profile(environment_id, &profile.profile_id)?;
-            Ok(Some(profile.profile_id))
-        })
-        .await
+        self.write(move |connection| apply_erase(&mut SqliteIdentityTx { connection }, environment_id, &selector)).await
     }
 
     async fn set_suppressed(&self, environment_id: EnvironmentId, user_id: &str, suppressed: bool) -> StoreResult<()> {
@@ -1173,20 +1196,17 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let profile_id = profile_id.to_owned();
         self.write(move |connection| {
-            let mut tx = SqliteIdentityTx { connection };
-            if tx.load_profile(environment_id, &profile_id)?.is_none() {
-                return Ok(false);
-            }
-            tx.upsert_device(environment_id, &profile_id, &device, now())?;
-            Ok(true)
+            apply_device_upsert(&mut SqliteIdentityTx { connection }, environment_id, &profile_id, &device, now())
         })
         .await
     }
 
     async fn delete_device(&self, environment_id: EnvironmentId, profile_id: &str, token: &str) -> StoreResult<bool> {
         let (profile_id, token) = (profile_id.to_owned(), token.to_owned());
-        self.write(move |connection| SqliteIdentityTx { connection }.delete_device(environment_id, &profile_id, &token))
-            .await
+        self.write(move |connection| {
+            apply_device_delete(&mut SqliteIdentityTx { connection }, environment_id, &profile_id, &token)
+        })
+        .await
     }
 
     async fn purge_expired(&self, messages_before: Timestamp, history_before: Option<Timestamp>) -> StoreResult<usize> {

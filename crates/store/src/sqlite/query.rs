@@ -347,8 +347,10 @@ fn authorize(context: &AuthContext<'_>, store_schema: &str, denied: &Mutex<Optio
     let allowed = match context.action {
         AuthAction::Select | AuthAction::Recursive | AuthAction::Function { .. } => true,
         AuthAction::Read { table_name, .. } => match context.database_name {
-            // The store's tables: only the views can name this schema.
-            Some(schema) if schema == store_schema => !table_name.starts_with("sqlite_"),
+            // The store's tables, read by one of the views (the accessor) and nothing else.
+            Some(schema) if schema == store_schema => {
+                !table_name.starts_with("sqlite_") && context.accessor.is_some_and(|view| VIEW_NAMES.contains(&view))
+            }
             Some("temp") => VIEW_NAMES.contains(&table_name),
             // Common table expressions and subqueries of the statement itself.
             None => !(table_name.starts_with("sqlite_") || table_name.starts_with("pragma_") || table_name == "dbstat"),
