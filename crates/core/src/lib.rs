@@ -4,6 +4,7 @@
 
 pub mod device;
 pub mod error;
+pub mod flags;
 pub mod identify;
 pub mod limits;
 pub mod linking;

@@ -54,9 +54,11 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::Forbidden => StatusCode::FORBIDDEN,
         ErrorCode::NotFound => StatusCode::NOT_FOUND,
         ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-        ErrorCode::EnvironmentExists | ErrorCode::IdentifierTaken | ErrorCode::IdentifierSuppressed => {
-            StatusCode::CONFLICT
-        }
+        ErrorCode::EnvironmentExists
+        | ErrorCode::IdentifierTaken
+        | ErrorCode::IdentifierSuppressed
+        | ErrorCode::NameTaken
+        | ErrorCode::SegmentInUse => StatusCode::CONFLICT,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_REQUEST,
     }

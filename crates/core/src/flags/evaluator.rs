@@ -1,0 +1,901 @@
+//! Flag evaluation, compiled once per configuration change.
+//!
+//! [`Evaluator::compile`] turns an environment's segments, features and identity overrides into
+//! an immutable structure: regexes compiled, `IN` lists hashed, each condition value already cast
+//! to every type a trait may have, overrides sorted by precedence. Evaluating then allocates only
+//! the identity key and the answer, takes no locks, and parses nothing.
+//!
+//! The results are those of Flagsmith's reference engine (`flagsmith-flag-engine`) for the same
+//! context: identity override > segment override (lowest priority, then earliest segment) >
+//! default; multivariate buckets by md5 of `"{feature id},{environment key}_{identifier}"`;
+//! percentage splits by md5 of `"{segment id},{value}"`; condition values cast to the trait's
+//! type, numeric strings read as numbers, `REGEX` anchored at the start.
+
+use std::collections::{HashMap, HashSet};
+
+use md5::{Digest, Md5};
+use serde_json::{Map, Value};
+
+use super::definition::{
+    CONTEXT_PATHS, FeatureDefinition, IdentityOverride, Operator, RuleType, SEMVER_SUFFIX, SegmentDefinition,
+    SegmentRule, TRAIT_PATH_PREFIX, compile_regex, parse_modulo, parse_semver,
+};
+use super::python::{ContextValue, python_float, python_int};
+
+/// A segment as stored: its id is its hashing key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegmentConfig {
+    pub id: i64,
+    pub definition: SegmentDefinition,
+}
+
+/// A feature as stored: its id is its hashing key for multivariate buckets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureConfig {
+    pub id: i64,
+    pub definition: FeatureDefinition,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdentityOverrideConfig {
+    pub profile_id: String,
+    pub feature_id: i64,
+    pub state: IdentityOverride,
+}
+
+/// Everything flag evaluation in one environment depends on.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FlagConfig {
+    /// The key identity keys are made of (`"{key}_{identifier}"`), fixed for the environment's life.
+    pub environment_key: String,
+    pub environment_name: String,
+    /// In id order: segment order decides ties between equal override priorities.
+    pub segments: Vec<SegmentConfig>,
+    pub features: Vec<FeatureConfig>,
+    pub identity_overrides: Vec<IdentityOverrideConfig>,
+}
+
+/// The identity flags are evaluated for.
+#[derive(Debug, Clone, Copy)]
+pub struct Identity<'a> {
+    /// Flagsmith's identifier: the user id (or the anonymous id of an anonymous visitor).
+    pub identifier: &'a str,
+    /// For identity overrides, which follow the profile whatever its identifiers become.
+    pub profile_id: Option<&'a str>,
+    pub traits: &'a Map<String, Value>,
+    /// Traits for this evaluation only, read before the stored ones.
+    pub transient_traits: Option<&'a Map<String, Value>>,
+}
+
+impl<'a> Identity<'a> {
+    fn trait_value(&self, key: &str) -> Option<&'a Value> {
+        if let Some(value) = self.transient_traits.and_then(|transient| transient.get(key)) {
+            return Some(value);
+        }
+        self.traits.get(key)
+    }
+}
+
+/// Why a flag has its state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Reason<'e> {
+    IdentityOverride,
+    TargetingMatch {
+        segment: &'e str,
+    },
+    Split {
+        weight: f64,
+    },
+    /// The default of a feature some segment overrides (none matched).
+    Default,
+    /// The default of a feature no segment overrides.
+    Static,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlagState<'e> {
+    pub feature_id: i64,
+    pub name: &'e str,
+    pub enabled: bool,
+    pub value: &'e Value,
+    /// The multivariate option served (`"control"` when the identity fell in the remainder);
+    /// `None` for features without options, overrides, and evaluations without an identity.
+    pub variant: Option<&'e str>,
+    pub reason: Reason<'e>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation<'e> {
+    /// In feature order.
+    pub flags: Vec<FlagState<'e>>,
+    /// The segments the identity is in, as `(id, name)`, in segment order.
+    pub segments: Vec<(i64, &'e str)>,
+}
+
+/// An environment's flags, ready to evaluate. Immutable; shared by all requests.
+#[derive(Debug)]
+pub struct Evaluator {
+    environment_key: String,
+    environment_name: String,
+    segments: Vec<CompiledSegment>,
+    features: Vec<CompiledFeature>,
+    /// Profile id → (feature index, enabled, value).
+    identity_overrides: HashMap<String, Vec<(usize, bool, Value)>>,
+}
+
+#[derive(Debug)]
+struct CompiledSegment {
+    id: i64,
+    name: String,
+    /// The id as text: the first element of a percentage split's hash.
+    key: String,
+    rules: Vec<CompiledRule>,
+}
+
+#[derive(Debug)]
+struct CompiledRule {
+    rule_type: RuleType,
+    conditions: Vec<CompiledCondition>,
+    rules: Vec<CompiledRule>,
+}
+
+#[derive(Debug)]
+struct CompiledCondition {
+    source: Source,
+    matcher: Matcher,
+}
+
+/// Where a condition's value comes from.
+#[derive(Debug)]
+enum Source {
+    Trait(String),
+    /// A `$.` path: a trait literally named so wins, as in the reference.
+    Path {
+        literal: String,
+        path: ContextPath,
+    },
+    /// `PERCENTAGE_SPLIT` with no property: the identity key, unmapped.
+    IdentityKey,
+}
+
+#[derive(Debug)]
+enum ContextPath {
+    Identifier,
+    Key,
+    EnvironmentName,
+    EnvironmentKey,
+    /// `$.identity.traits.<name>`: only scalar values are seen through a path.
+    Trait(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Comparison {
+    Equal,
+    NotEqual,
+    GreaterThan,
+    GreaterThanInclusive,
+    LessThan,
+    LessThanInclusive,
+    Contains,
+}
+
+impl Comparison {
+    fn holds(self, ordering: std::cmp::Ordering) -> bool {
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        match self {
+            Comparison::Equal => ordering == Equal,
+            Comparison::NotEqual => ordering != Equal,
+            Comparison::GreaterThan => ordering == Greater,
+            Comparison::GreaterThanInclusive => ordering != Less,
+            Comparison::LessThan => ordering == Less,
+            Comparison::LessThanInclusive => ordering != Greater,
+            Comparison::Contains => false,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Matcher {
+    /// The comparison operators: the condition value cast once to each type a trait may have
+    /// (`None` where the cast fails, which makes the condition false).
+    Typed {
+        comparison: Comparison,
+        text: String,
+        integer: Option<i128>,
+        float: Option<f64>,
+        boolean: bool,
+        /// Set for a `:semver` value: compared as versions against text traits.
+        version: Option<semver::Version>,
+    },
+    NotContains(String),
+    Regex(regex::Regex),
+    In(HashSet<String>),
+    Modulo {
+        divisor: f64,
+        remainder: f64,
+    },
+    IsSet,
+    IsNotSet,
+    PercentageSplit {
+        threshold: f64,
+    },
+}
+
+#[derive(Debug)]
+struct CompiledFeature {
+    id: i64,
+    name: String,
+    /// The id as text: the first element of a multivariate bucket's hash.
+    key: String,
+    enabled: bool,
+    value: Value,
+    variants: Vec<(String, Value, f64)>,
+    /// (segment index, priority, enabled, value), by precedence: priority, then segment order.
+    overrides: Vec<(usize, i64, bool, Value)>,
+    /// Whether any segment overrides it (`DEFAULT` rather than `STATIC` when none matched).
+    targeted: bool,
+}
+
+/// A configuration the evaluator cannot compile; save-time validation makes this unreachable
+/// for stored configurations.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CompileError(String);
+
+impl Evaluator {
+    pub fn compile(config: &FlagConfig) -> Result<Evaluator, CompileError> {
+        let mut segments: Vec<CompiledSegment> = Vec::with_capacity(config.segments.len());
+        for segment in &config.segments {
+            let rules = segment.definition.rules.iter().map(compile_rule).collect::<Result<Vec<_>, _>>()?;
+            segments.push(CompiledSegment {
+                id: segment.id,
+                name: segment.definition.name.clone(),
+                key: segment.id.to_string(),
+                rules,
+            });
+        }
+        let segment_index: HashMap<i64, usize> =
+            segments.iter().enumerate().map(|(index, segment)| (segment.id, index)).collect();
+        let mut features = Vec::with_capacity(config.features.len());
+        for feature in &config.features {
+            let definition = &feature.definition;
+            let mut overrides = Vec::new();
+            for segment_override in &definition.segment_overrides {
+                // An override of a deleted segment matches nobody.
+                if let Some(index) = segment_index.get(&segment_override.segment_id) {
+                    overrides.push((
+                        *index,
+                        segment_override.priority,
+                        segment_override.enabled,
+                        segment_override.value.clone(),
+                    ));
+                }
+            }
+            overrides.sort_by_key(|(index, priority, _, _)| (*priority, *index));
+            features.push(CompiledFeature {
+                id: feature.id,
+                name: definition.name.clone(),
+                key: feature.id.to_string(),
+                enabled: definition.enabled,
+                value: definition.value.clone(),
+                variants: definition
+                    .variants
+                    .iter()
+                    .map(|variant| (variant.key.clone(), variant.value.clone(), variant.weight))
+                    .collect(),
+                targeted: !overrides.is_empty(),
+                overrides,
+            });
+        }
+        let feature_index: HashMap<i64, usize> =
+            features.iter().enumerate().map(|(index, feature)| (feature.id, index)).collect();
+        let mut identity_overrides: HashMap<String, Vec<(usize, bool, Value)>> = HashMap::new();
+        for identity_override in &config.identity_overrides {
+            if let Some(index) = feature_index.get(&identity_override.feature_id) {
+                identity_overrides.entry(identity_override.profile_id.clone()).or_default().push((
+                    *index,
+                    identity_override.state.enabled,
+                    identity_override.state.value.clone(),
+                ));
+            }
+        }
+        Ok(Evaluator {
+            environment_key: config.environment_key.clone(),
+            environment_name: config.environment_name.clone(),
+            segments,
+            features,
+            identity_overrides,
+        })
+    }
+
+    /// Every flag, and the segments the identity is in. Without an identity: the defaults, with
+    /// overrides of segments that match on the environment alone.
+    pub fn evaluate(&self, identity: Option<&Identity<'_>>) -> Evaluation<'_> {
+        let identity_key = identity.map(|identity| format!("{}_{}", self.environment_key, identity.identifier));
+        let scope = Scope { evaluator: self, identity, identity_key: identity_key.as_deref() };
+        let matched: Vec<bool> = self.segments.iter().map(|segment| scope.in_segment(segment)).collect();
+        let overridden = identity
+            .and_then(|identity| identity.profile_id)
+            .and_then(|profile_id| self.identity_overrides.get(profile_id));
+        let flags = self
+            .features
+            .iter()
+            .enumerate()
+            .map(|(index, feature)| {
+                if let Some((_, enabled, value)) = overridden
+                    .and_then(|overrides| overrides.iter().find(|(feature_index, _, _)| *feature_index == index))
+                {
+                    return FlagState {
+                        feature_id: feature.id,
+                        name: &feature.name,
+                        enabled: *enabled,
+                        value,
+                        variant: None,
+                        reason: Reason::IdentityOverride,
+                    };
+                }
+                if let Some((segment_index, _, enabled, value)) =
+                    feature.overrides.iter().find(|(segment_index, _, _, _)| matched[*segment_index])
+                {
+                    return FlagState {
+                        feature_id: feature.id,
+                        name: &feature.name,
+                        enabled: *enabled,
+                        value,
+                        variant: None,
+                        reason: Reason::TargetingMatch { segment: &self.segments[*segment_index].name },
+                    };
+                }
+                scope.default_state(feature)
+            })
+            .collect();
+        let segments = self
+            .segments
+            .iter()
+            .zip(&matched)
+            .filter(|(_, matched)| **matched)
+            .map(|(segment, _)| (segment.id, segment.name.as_str()))
+            .collect();
+        Evaluation { flags, segments }
+    }
+
+    /// The ids of the segments an identity is in (for membership tracking).
+    pub fn segment_ids_of(&self, identity: &Identity<'_>) -> Vec<i64> {
+        let identity_key = format!("{}_{}", self.environment_key, identity.identifier);
+        let scope = Scope { evaluator: self, identity: Some(identity), identity_key: Some(&identity_key) };
+        self.segments.iter().filter(|segment| scope.in_segment(segment)).map(|segment| segment.id).collect()
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    pub fn feature_count(&self) -> usize {
+        self.features.len()
+    }
+}
+
+/// One evaluation's inputs.
+struct Scope<'s, 'i> {
+    evaluator: &'s Evaluator,
+    identity: Option<&'s Identity<'i>>,
+    identity_key: Option<&'s str>,
+}
+
+impl<'s, 'i> Scope<'s, 'i> {
+    fn in_segment(&self, segment: &CompiledSegment) -> bool {
+        !segment.rules.is_empty() && segment.rules.iter().all(|rule| self.rule_matches(rule, &segment.key))
+    }
+
+    fn rule_matches(&self, rule: &CompiledRule, segment_key: &str) -> bool {
+        let conditions_match = rule.conditions.is_empty()
+            || combine(
+                rule.rule_type,
+                rule.conditions.iter().map(|condition| self.condition_matches(condition, segment_key)),
+            );
+        conditions_match
+            && (rule.rules.is_empty()
+                || combine(rule.rule_type, rule.rules.iter().map(|sub_rule| self.rule_matches(sub_rule, segment_key))))
+    }
+
+    fn value_of(&self, source: &Source) -> Option<ContextValue<'_>> {
+        match source {
+            Source::Trait(key) => self.identity?.trait_value(key).and_then(ContextValue::from_json),
+            Source::IdentityKey => self.identity_key.map(|key| ContextValue::Text(std::borrow::Cow::Borrowed(key))),
+            Source::Path { literal, path } => {
+                if let Some(value) = self.identity.and_then(|identity| identity.trait_value(literal))
+                    && !value.is_null()
+                {
+                    return ContextValue::from_json(value);
+                }
+                match path {
+                    ContextPath::Identifier => {
+                        self.identity.map(|identity| ContextValue::from_text(identity.identifier))
+                    }
+                    ContextPath::Key => self.identity_key.map(ContextValue::from_text),
+                    ContextPath::EnvironmentName => Some(ContextValue::from_text(&self.evaluator.environment_name)),
+                    ContextPath::EnvironmentKey => Some(ContextValue::from_text(&self.evaluator.environment_key)),
+                    ContextPath::Trait(key) => match self.identity?.trait_value(key)? {
+                        Value::Object(_) | Value::Array(_) => None,
+                        scalar => ContextValue::from_json(scalar),
+                    },
+                }
+            }
+        }
+    }
+
+    fn condition_matches(&self, condition: &CompiledCondition, segment_key: &str) -> bool {
+        let value = self.value_of(&condition.source);
+        match &condition.matcher {
+            Matcher::IsSet => value.is_some(),
+            Matcher::IsNotSet => value.is_none(),
+            Matcher::In(items) => match &value {
+                Some(ContextValue::Text(text)) => items.contains(text.as_ref()),
+                Some(ContextValue::Integer(integer)) => items.contains(&integer.to_string()),
+                _ => false,
+            },
+            Matcher::PercentageSplit { threshold } => match &value {
+                Some(value) => hashed_percentage(&[segment_key, &value.python_str()]) <= *threshold,
+                None => false,
+            },
+            matcher => value.is_some_and(|value| matches_value(matcher, &value)),
+        }
+    }
+
+    fn default_state<'e>(&self, feature: &'e CompiledFeature) -> FlagState<'e> {
+        let fallback = if feature.targeted { Reason::Default } else { Reason::Static };
+        let mut state = FlagState {
+            feature_id: feature.id,
+            name: &feature.name,
+            enabled: feature.enabled,
+            value: &feature.value,
+            variant: None,
+            reason: fallback,
+        };
+        let Some(identity_key) = self.identity_key else { return state };
+        if feature.variants.is_empty() {
+            return state;
+        }
+        state.variant = Some("control");
+        let percentage = hashed_percentage(&[&feature.key, identity_key]);
+        let mut start = 0.0;
+        for (key, value, weight) in &feature.variants {
+            let limit = weight + start;
+            if start <= percentage && percentage < limit {
+                state.value = value;
+                state.variant = Some(key);
+                state.reason = Reason::Split { weight: *weight };
+                break;
+            }
+            start = limit;
+        }
+        state
+    }
+}
+
+fn combine(rule_type: RuleType, mut results: impl Iterator<Item = bool>) -> bool {
+    match rule_type {
+        RuleType::All => results.all(|matched| matched),
+        RuleType::Any => results.any(|matched| matched),
+        RuleType::None => !results.any(|matched| matched),
+    }
+}
+
+fn matches_value(matcher: &Matcher, value: &ContextValue<'_>) -> bool {
+    match matcher {
+        Matcher::Typed { comparison, text, integer, float, boolean, version } => match value {
+            ContextValue::Text(context_text) => match version {
+                Some(target) => match semver::Version::parse(context_text) {
+                    Ok(context_version) => comparison.holds(compare_versions(&context_version, target)),
+                    Err(_) => false,
+                },
+                None if *comparison == Comparison::Contains => context_text.contains(text.as_str()),
+                None => comparison.holds(context_text.as_ref().cmp(text.as_str())),
+            },
+            ContextValue::Integer(context_integer) => match integer {
+                Some(target) => comparison.holds(context_integer.cmp(target)),
+                None => false,
+            },
+            ContextValue::Float(context_float) => match float {
+                // NaN: only `!=` holds, as in Python.
+                Some(target) => match context_float.partial_cmp(target) {
+                    Some(ordering) => comparison.holds(ordering),
+                    None => *comparison == Comparison::NotEqual,
+                },
+                None => false,
+            },
+            ContextValue::Boolean(context_boolean) => comparison.holds(context_boolean.cmp(boolean)),
+        },
+        Matcher::NotContains(text) => match value {
+            ContextValue::Text(context_text) => !context_text.contains(text.as_str()),
+            _ => false,
+        },
+        Matcher::Regex(regex) => regex.is_match(&value.python_str()),
+        Matcher::Modulo { divisor, remainder } => {
+            let dividend = match value {
+                ContextValue::Integer(integer) => *integer as f64,
+                ContextValue::Float(float) => *float,
+                ContextValue::Boolean(flag) => f64::from(u8::from(*flag)),
+                ContextValue::Text(_) => return false,
+            };
+            python_modulo(dividend, *divisor) == *remainder
+        }
+        Matcher::IsSet | Matcher::IsNotSet | Matcher::In(_) | Matcher::PercentageSplit { .. } => false,
+    }
+}
+
+/// `Contains` does not order: treat it as never holding for numbers (a TypeError in Python).
+impl Comparison {
+    fn from_operator(operator: Operator) -> Option<Comparison> {
+        Some(match operator {
+            Operator::Equal => Comparison::Equal,
+            Operator::NotEqual => Comparison::NotEqual,
+            Operator::GreaterThan => Comparison::GreaterThan,
+            Operator::GreaterThanInclusive => Comparison::GreaterThanInclusive,
+            Operator::LessThan => Comparison::LessThan,
+            Operator::LessThanInclusive => Comparison::LessThanInclusive,
+            Operator::Contains => Comparison::Contains,
+            _ => return None,
+        })
+    }
+}
+
+/// Python's float `%`: the result takes the divisor's sign.
+fn python_modulo(dividend: f64, divisor: f64) -> f64 {
+    let remainder = dividend % divisor;
+    if remainder != 0.0 && ((divisor < 0.0) != (remainder < 0.0)) { remainder + divisor } else { remainder }
+}
+
+/// Semantic-version precedence: build metadata ignored, a pre-release below its release.
+fn compare_versions(left: &semver::Version, right: &semver::Version) -> std::cmp::Ordering {
+    (left.major, left.minor, left.patch).cmp(&(right.major, right.minor, right.patch)).then_with(|| {
+        match (left.pre.is_empty(), right.pre.is_empty()) {
+            (true, true) => std::cmp::Ordering::Equal,
+            (true, false) => std::cmp::Ordering::Greater,
+            (false, true) => std::cmp::Ordering::Less,
+            (false, false) => left.pre.cmp(&right.pre),
+        }
+    })
+}
+
+/// A number in [0, 100) from the md5 of the comma-joined ids; a result of exactly 100 hashes
+/// the ids repeated once more, as the reference does.
+pub fn hashed_percentage(ids: &[&str]) -> f64 {
+    let mut iterations = 1;
+    loop {
+        let mut hasher = Md5::new();
+        let mut first = true;
+        for _ in 0..iterations {
+            for id in ids {
+                if !first {
+                    hasher.update(b",");
+                }
+                hasher.update(id.as_bytes());
+                first = false;
+            }
+        }
+        let digest: [u8; 16] = hasher.finalize().into();
+        let bucket = u128::from_be_bytes(digest) % 9999;
+        let value = (bucket as f64 / 9998.0) * 100.0;
+        if value != 100.0 {
+            return value;
+        }
+        iterations += 1;
+    }
+}
+
+fn compile_rule(rule: &SegmentRule) -> Result<CompiledRule, CompileError> {
+    Ok(CompiledRule {
+        rule_type: rule.rule_type,
+        conditions: rule
+            .conditions
+            .iter()
+            .map(|condition| {
+                Ok(CompiledCondition {
+                    source: compile_source(&condition.property, condition.operator),
+                    matcher: compile_matcher(condition.operator, &condition.value)?,
+                })
+            })
+            .collect::<Result<_, CompileError>>()?,
+        rules: rule.rules.iter().map(compile_rule).collect::<Result<_, _>>()?,
+    })
+}
+
+fn compile_source(property: &str, operator: Operator) -> Source {
+    if property.is_empty() && operator == Operator::PercentageSplit {
+        return Source::IdentityKey;
+    }
+    if !property.starts_with("$.") {
+        return Source::Trait(property.to_owned());
+    }
+    let path = match property {
+        _ if property == CONTEXT_PATHS[0] => ContextPath::Identifier,
+        _ if property == CONTEXT_PATHS[1] => ContextPath::Key,
+        _ if property == CONTEXT_PATHS[2] => ContextPath::EnvironmentName,
+        _ if property == CONTEXT_PATHS[3] => ContextPath::EnvironmentKey,
+        _ => match property.strip_prefix(TRAIT_PATH_PREFIX) {
+            Some(name) if super::definition::is_simple_name(name) => ContextPath::Trait(name.to_owned()),
+            // Not a path the reference can read either: a trait of that literal name.
+            _ => return Source::Trait(property.to_owned()),
+        },
+    };
+    Source::Path { literal: property.to_owned(), path }
+}
+
+fn compile_matcher(operator: Operator, value: &Value) -> Result<Matcher, CompileError> {
+    let text = match value {
+        Value::String(text) => text.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    Ok(match operator {
+        Operator::IsSet => Matcher::IsSet,
+        Operator::IsNotSet => Matcher::IsNotSet,
+        Operator::In => Matcher::In(in_items(value)),
+        Operator::NotContains => Matcher::NotContains(text),
+        Operator::Regex => Matcher::Regex(compile_regex(&text).map_err(CompileError)?),
+        Operator::Modulo => {
+            let (divisor, remainder) = parse_modulo(&text).map_err(CompileError)?;
+            Matcher::Modulo { divisor, remainder }
+        }
+        Operator::PercentageSplit => Matcher::PercentageSplit {
+            threshold: python_float(&text).ok_or_else(|| CompileError(format!("`{text}` is not a percentage")))?,
+        },
+        comparison => {
+            let version = match text.strip_suffix(SEMVER_SUFFIX) {
+                Some(version) => Some(parse_semver(version).map_err(CompileError)?),
+                None => None,
+            };
+            Matcher::Typed {
+                comparison: Comparison::from_operator(comparison)
+                    .ok_or_else(|| CompileError(format!("{comparison:?} is not a comparison")))?,
+                integer: python_int(&text),
+                float: python_float(&text),
+                boolean: text != "False" && text != "false",
+                version,
+                text,
+            }
+        }
+    })
+}
+
+/// An `IN` value as the set of strings it matches: a list, a bracketed JSON list, or a
+/// comma-separated string; non-string items as Python's `str()` prints them.
+fn in_items(value: &Value) -> HashSet<String> {
+    let item_text = |item: &Value| match item {
+        Value::String(text) => text.clone(),
+        Value::Bool(true) => "True".to_owned(),
+        Value::Bool(false) => "False".to_owned(),
+        Value::Null => "None".to_owned(),
+        Value::Number(number) => match number.as_i64().map(i128::from).or(number.as_u64().map(i128::from)) {
+            Some(integer) => integer.to_string(),
+            None => super::python::float_repr(number.as_f64().unwrap_or(f64::NAN)),
+        },
+        nested => nested.to_string(),
+    };
+    match value {
+        Value::Array(items) => items.iter().map(item_text).collect(),
+        Value::String(text) if text.starts_with('[') => match serde_json::from_str::<Value>(text) {
+            Ok(Value::Array(items)) => items.iter().map(item_text).collect(),
+            _ => text.split(',').map(str::to_owned).collect(),
+        },
+        Value::String(text) => text.split(',').map(str::to_owned).collect(),
+        _ => HashSet::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn one_condition_segment(condition: Value) -> FlagConfig {
+        FlagConfig {
+            environment_key: "k".into(),
+            environment_name: "n".into(),
+            segments: vec![SegmentConfig {
+                id: 1,
+                definition: serde_json::from_value(
+                    json!({ "name": "s", "rules": [{ "type": "ALL", "conditions": [condition] }] }),
+                )
+                .unwrap(),
+            }],
+            ..FlagConfig::default()
+        }
+    }
+
+    fn in_segment(config: &FlagConfig, identifier: &str, traits: &Map<String, Value>) -> bool {
+        let evaluator = Evaluator::compile(config).unwrap();
+        let identity = Identity { identifier, profile_id: None, traits, transient_traits: None };
+        !evaluator.evaluate(Some(&identity)).segments.is_empty()
+    }
+
+    /// Each row: trait value, operator, condition value, whether it matches. Every row was
+    /// checked against the reference engine (flagsmith-flag-engine 11.1.1).
+    #[test]
+    fn every_operator_casts_and_compares_like_the_reference() {
+        let cases: Vec<(Value, String, Value, bool)> =
+            serde_json::from_str(include_str!("operator_cases.json")).unwrap();
+        for (trait_value, operator, value, expected) in cases {
+            let mut condition = json!({ "property": "t", "operator": operator });
+            if !value.is_null() {
+                condition["value"] = value.clone();
+            }
+            let config = one_condition_segment(condition);
+            let mut traits = Map::new();
+            traits.insert("t".into(), trait_value.clone());
+            assert_eq!(in_segment(&config, "u", &traits), expected, "{trait_value} {operator} {value}");
+        }
+    }
+
+    #[test]
+    fn percentage_buckets_follow_the_reference_hash() {
+        // md5("1,k_u") as the reference computes it, and its boundaries.
+        let percentage = hashed_percentage(&["1", "k_u"]);
+        assert!((0.0..100.0).contains(&percentage));
+        let at = |threshold: f64| {
+            let config =
+                one_condition_segment(json!({ "operator": "PERCENTAGE_SPLIT", "value": threshold.to_string() }));
+            in_segment(&config, "u", &Map::new())
+        };
+        assert!(at(percentage), "the split includes its boundary");
+        assert!(!at(percentage - 1e-9));
+        // Values printed by the reference engine's get_hashed_percentage_for_object_ids.
+        assert_eq!(hashed_percentage(&["a", "b"]), 56.72134426885377);
+        assert_eq!(percentage, 21.064212842568512);
+        assert_eq!(hashed_percentage(&["12", "user-7"]), 55.78115623124626);
+    }
+
+    fn feature(id: i64, body: Value) -> FeatureConfig {
+        let mut body = body;
+        body["name"] = json!(format!("f{id}"));
+        FeatureConfig { id, definition: serde_json::from_value(body).unwrap() }
+    }
+
+    #[test]
+    fn identity_override_beats_segment_override_beats_default() {
+        let mut config = one_condition_segment(json!({ "property": "plan", "operator": "EQUAL", "value": "pro" }));
+        config.segments.push(SegmentConfig {
+            id: 2,
+            definition: serde_json::from_value(json!({ "name": "everyone", "rules": [{ "type": "ALL",
+                "conditions": [{ "property": "plan", "operator": "IS_SET" }] }] }))
+            .unwrap(),
+        });
+        config.features = vec![feature(
+            10,
+            json!({ "enabled": false, "value": "default", "segment_overrides": [
+                { "segment_id": 2, "priority": 5, "enabled": true, "value": "everyone" },
+                { "segment_id": 1, "priority": 1, "enabled": true, "value": "pro" }] }),
+        )];
+        config.identity_overrides = vec![IdentityOverrideConfig {
+            profile_id: "p-vip".into(),
+            feature_id: 10,
+            state: IdentityOverride { enabled: false, value: json!("vip") },
+        }];
+        let evaluator = Evaluator::compile(&config).unwrap();
+        let traits = |plan: &str| {
+            let mut traits = Map::new();
+            traits.insert("plan".into(), json!(plan));
+            traits
+        };
+        let state = |profile_id: Option<&str>, traits: &Map<String, Value>| {
+            let identity = Identity { identifier: "u", profile_id, traits, transient_traits: None };
+            let evaluation = evaluator.evaluate(Some(&identity));
+            (evaluation.flags[0].enabled, evaluation.flags[0].value.clone())
+        };
+        assert_eq!(state(None, &traits("pro")), (true, json!("pro")), "lower priority number wins");
+        assert_eq!(state(None, &traits("free")), (true, json!("everyone")));
+        assert_eq!(state(None, &Map::new()), (false, json!("default")));
+        assert_eq!(state(Some("p-vip"), &traits("pro")), (false, json!("vip")), "identity override first");
+        // Transient traits take part without being stored.
+        let stored = traits("free");
+        let transient = traits("pro");
+        let identity =
+            Identity { identifier: "u", profile_id: None, traits: &stored, transient_traits: Some(&transient) };
+        assert_eq!(evaluator.evaluate(Some(&identity)).flags[0].value, &json!("pro"));
+        // Without an identity: defaults (no variants, no trait-based segments).
+        assert_eq!(evaluator.evaluate(None).flags[0].value, &json!("default"));
+    }
+
+    #[test]
+    fn equal_priorities_go_to_the_earlier_segment() {
+        let mut config = one_condition_segment(json!({ "property": "a", "operator": "IS_SET" }));
+        config.segments.push(SegmentConfig { id: 2, definition: config.segments[0].definition.clone() });
+        config.features = vec![feature(
+            10,
+            json!({ "segment_overrides": [
+                { "segment_id": 2, "priority": 0, "enabled": true, "value": "second" },
+                { "segment_id": 1, "priority": 0, "enabled": true, "value": "first" }] }),
+        )];
+        let evaluator = Evaluator::compile(&config).unwrap();
+        let mut traits = Map::new();
+        traits.insert("a".into(), json!(1));
+        let identity = Identity { identifier: "u", profile_id: None, traits: &traits, transient_traits: None };
+        assert_eq!(evaluator.evaluate(Some(&identity)).flags[0].value, &json!("first"));
+    }
+
+    #[test]
+    fn variants_split_identities_by_weight() {
+        let config = FlagConfig {
+            environment_key: "env".into(),
+            features: vec![feature(
+                7,
+                json!({ "value": "control-value", "variants": [
+                    { "key": "a", "value": "A", "weight": 30 }, { "key": "b", "value": "B", "weight": 20 }] }),
+            )],
+            ..FlagConfig::default()
+        };
+        let evaluator = Evaluator::compile(&config).unwrap();
+        let traits = Map::new();
+        let mut counts = std::collections::HashMap::new();
+        for number in 0..4000 {
+            let identifier = format!("user-{number}");
+            let identity =
+                Identity { identifier: &identifier, profile_id: None, traits: &traits, transient_traits: None };
+            let evaluation = evaluator.evaluate(Some(&identity));
+            let flag = &evaluation.flags[0];
+            let percentage = hashed_percentage(&["7", &format!("env_{identifier}")]);
+            let expected = if percentage < 30.0 {
+                "a"
+            } else if percentage < 50.0 {
+                "b"
+            } else {
+                "control"
+            };
+            assert_eq!(flag.variant, Some(expected));
+            *counts.entry(expected).or_insert(0) += 1;
+        }
+        assert!((1000..1400).contains(&counts["a"]), "{counts:?}");
+        assert!((600..1000).contains(&counts["b"]), "{counts:?}");
+        assert_eq!(evaluator.evaluate(None).flags[0].variant, None);
+    }
+
+    #[test]
+    fn context_paths_read_identity_and_environment() {
+        let config =
+            one_condition_segment(json!({ "property": "$.environment.name", "operator": "EQUAL", "value": "n" }));
+        assert!(Evaluator::compile(&config).unwrap().evaluate(None).segments.len() == 1, "matches with no identity");
+        let config =
+            one_condition_segment(json!({ "property": "$.identity.identifier", "operator": "EQUAL", "value": "42" }));
+        assert!(in_segment(&config, "42", &Map::new()));
+        let config =
+            one_condition_segment(json!({ "property": "$.identity.key", "operator": "EQUAL", "value": "k_u" }));
+        assert!(in_segment(&config, "u", &Map::new()));
+        // A trait literally named like the path wins over the path.
+        let config =
+            one_condition_segment(json!({ "property": "$.identity.identifier", "operator": "EQUAL", "value": "x" }));
+        let mut traits = Map::new();
+        traits.insert("$.identity.identifier".into(), json!("x"));
+        assert!(in_segment(&config, "u", &traits));
+        // Through a path, nested traits are not values.
+        let config = one_condition_segment(json!({ "property": "$.identity.traits.t", "operator": "IS_SET" }));
+        let mut traits = Map::new();
+        traits.insert("t".into(), json!({ "a": 1 }));
+        assert!(!in_segment(&config, "u", &traits));
+    }
+
+    #[test]
+    fn nested_rules_combine_all_any_none() {
+        let config = FlagConfig {
+            segments: vec![SegmentConfig {
+                id: 1,
+                definition: serde_json::from_value(json!({ "name": "s", "rules": [{ "type": "ALL", "rules": [
+                    { "type": "ANY", "conditions": [
+                        { "property": "a", "operator": "EQUAL", "value": "1" },
+                        { "property": "b", "operator": "EQUAL", "value": "1" }] },
+                    { "type": "NONE", "conditions": [{ "property": "banned", "operator": "IS_SET" }] }] }] }))
+                .unwrap(),
+            }],
+            ..FlagConfig::default()
+        };
+        let with = |pairs: &[(&str, Value)]| {
+            let traits: Map<String, Value> =
+                pairs.iter().map(|(key, value)| ((*key).to_owned(), value.clone())).collect();
+            in_segment(&config, "u", &traits)
+        };
+        assert!(with(&[("b", json!(1))]));
+        assert!(!with(&[("c", json!(1))]));
+        assert!(!with(&[("a", json!(1)), ("banned", json!(true))]));
+    }
+}
