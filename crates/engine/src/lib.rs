@@ -4,6 +4,8 @@
 //! The engine validates input against the configured limits (through `roster-core`), authorises
 //! the caller's key for the operation, and hands durable work to the [`Store`].
 
+mod document;
+mod flags;
 mod keys;
 
 use std::sync::{Arc, RwLock};
@@ -18,10 +20,11 @@ use roster_core::{
 use roster_store::{QueryBounds, Store, StoreError, WritePolicy};
 use serde_json::{Map, Value};
 
+pub use flags::{CompiledFlags, FeatureView, FlagAnswer, FlagsAnswer, MembershipProgress, SegmentRef, SegmentView};
 pub use keys::{Environment, KeyIndex, Principal};
 pub use roster_store::{
-    Device, EventPage, IdentifyOutcome, MergeOutcome, Profile, ProfileFilter, ProfilePage, ProfileSelector,
-    QueryOutput, StoredEvent, TrackOutcome,
+    Device, EventPage, IdentifyOutcome, MemberPage, MergeOutcome, Profile, ProfileFilter, ProfilePage, ProfileSelector,
+    QueryOutput, SegmentMember, StoredEvent, TrackOutcome,
 };
 
 /// Errors of an engine operation, each mapping to one public error (status, code, message).
@@ -88,10 +91,13 @@ impl Default for EngineConfig {
 }
 
 impl EngineConfig {
-    fn write_policy(&self) -> WritePolicy {
+    /// Limits and dedup window; the environment's segments are added per write (see
+    /// `Engine::write_policy`).
+    fn base_write_policy(&self) -> WritePolicy {
         WritePolicy {
             limits: self.limits.clone(),
             dedup_window_micros: i64::try_from(self.dedup_window.as_micros()).unwrap_or(i64::MAX),
+            segments: None,
         }
     }
 }
@@ -164,6 +170,8 @@ pub struct Engine {
     key_index: RwLock<Arc<KeyIndex>>,
     /// Serialises key changes with their reload, so a slower reload never installs an older index.
     key_changes: tokio::sync::Mutex<()>,
+    /// Compiled segments and flags per environment.
+    flags: flags::FlagState,
 }
 
 impl Engine {
@@ -174,6 +182,7 @@ impl Engine {
             config,
             key_index: RwLock::new(Arc::new(KeyIndex::default())),
             key_changes: tokio::sync::Mutex::new(()),
+            flags: flags::FlagState::default(),
         };
         engine.reload_keys().await?;
         Ok(engine)
@@ -271,8 +280,8 @@ impl Engine {
                 item.and_then(|input| self.identify_command(environment, input, nth_receive_time(received_at, index)))
             })
             .collect();
-        apply_in_order(commands, |commands| self.store.identify(environment.id, commands, self.config.write_policy()))
-            .await
+        let policy = self.write_policy(environment.id).await?;
+        apply_in_order(commands, |commands| self.store.identify(environment.id, commands, policy)).await
     }
 
     fn identify_command(
@@ -336,7 +345,8 @@ impl Engine {
         secondary: ProfileSelector,
     ) -> EngineResult<MergeOutcome> {
         let environment = principal.require_server()?;
-        let outcome = self.store.merge_profiles(environment.id, primary, secondary, self.config.write_policy()).await?;
+        let policy = self.write_policy(environment.id).await?;
+        let outcome = self.store.merge_profiles(environment.id, primary, secondary, policy).await?;
         Ok(outcome?)
     }
 
@@ -355,10 +365,8 @@ impl Engine {
                 FieldError::new(ErrorCode::MissingIdentifier, "user_id", "send `user_id`, `email`, or both").into()
             );
         }
-        let changed = self
-            .store
-            .change_identifiers(environment.id, profile_id, user_id, email, self.config.write_policy())
-            .await??;
+        let policy = self.write_policy(environment.id).await?;
+        let changed = self.store.change_identifiers(environment.id, profile_id, user_id, email, policy).await??;
         self.profile(principal, &changed).await
     }
 
@@ -435,8 +443,8 @@ impl Engine {
                 )
             })
             .collect();
-        apply_in_order(commands, |commands| self.store.track(environment.id, commands, self.config.write_policy()))
-            .await
+        let policy = self.write_policy(environment.id).await?;
+        apply_in_order(commands, |commands| self.store.track(environment.id, commands, policy)).await
     }
 
     /// A profile's events, newest first. Server key only.

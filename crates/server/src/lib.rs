@@ -5,6 +5,7 @@ mod admin;
 mod auth;
 mod body;
 pub mod error;
+mod flags;
 mod graph;
 mod native;
 mod profiles;
@@ -69,6 +70,23 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
         )
         .route("/v1/suppressions/{user_id}", axum::routing::put(graph::suppress).delete(graph::unsuppress))
         .route("/v1/profiles/{profile_id}/events", get(profiles::list_events))
+        .route("/v1/segments", get(flags::list_segments).post(flags::create_segment))
+        .route(
+            "/v1/segments/{segment_id}",
+            get(flags::get_segment).put(flags::replace_segment).delete(flags::delete_segment),
+        )
+        .route("/v1/segments/{segment_id}/members", get(flags::segment_members))
+        .route("/v1/features", get(flags::list_features).post(flags::create_feature))
+        .route(
+            "/v1/features/{feature_id}",
+            get(flags::get_feature).put(flags::replace_feature).delete(flags::delete_feature),
+        )
+        .route(
+            "/v1/features/{feature_id}/overrides/{profile_id}",
+            axum::routing::put(flags::put_identity_override).delete(flags::delete_identity_override),
+        )
+        .route("/v1/flags", get(flags::default_flags).post(flags::identify_and_evaluate))
+        .route("/v1/environment-document", get(flags::environment_document))
         .route("/v1/admin/environments", get(admin::list_environments).post(admin::create_environment))
         .route("/v1/admin/environments/{slug}/rotate-keys", post(admin::rotate_keys))
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/api.md") })

@@ -20,7 +20,7 @@ use crate::error::{ApiError, PublicError};
 /// `traits`) is an error, not silently ignored data.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct NativeIdentify {
+pub(crate) struct NativeIdentify {
     distinct_id: Option<String>,
     user_id: Option<String>,
     anonymous_id: Option<String>,
@@ -36,7 +36,7 @@ struct NativeIdentify {
 }
 
 impl NativeIdentify {
-    fn into_input(self) -> Result<IdentifyInput, FieldError> {
+    pub(crate) fn into_input(self) -> Result<IdentifyInput, FieldError> {
         let user_id = one_of(self.distinct_id, "distinct_id", self.user_id, "user_id")?;
         let traits = one_of(self.traits, "traits", self.user_traits, "user_traits")?.unwrap_or_default();
         let timestamp = match &self.timestamp {

@@ -14,7 +14,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
 
-const DEFAULT_PAGE_SIZE: usize = 50;
+pub(crate) const DEFAULT_PAGE_SIZE: usize = 50;
 const MAX_PAGE_SIZE: usize = 1000;
 
 #[derive(Debug, Serialize)]
@@ -162,14 +162,14 @@ impl ListQuery {
     }
 }
 
-fn parse_limit(value: &str) -> Result<usize, ApiError> {
+pub(crate) fn parse_limit(value: &str) -> Result<usize, ApiError> {
     match value.parse::<usize>() {
         Ok(limit) if (1..=MAX_PAGE_SIZE).contains(&limit) => Ok(limit),
         _ => Err(invalid_parameter("limit", &format!("must be a whole number from 1 to {MAX_PAGE_SIZE}"))),
     }
 }
 
-fn invalid_parameter(name: &str, rule: &str) -> ApiError {
+pub(crate) fn invalid_parameter(name: &str, rule: &str) -> ApiError {
     let mut error = ApiError::new(ErrorCode::InvalidQueryParameter, format!("query parameter `{name}` {rule}"));
     error.body.path = Some(name.to_owned());
     error

@@ -1097,6 +1097,144 @@ pub async fn concurrent_identifies_for_one_new_user_make_one_profile(store: std:
     assert_eq!(profile_of(store.as_ref(), environment_id, IdentifierKind::UserId, "racer").await.traits.len(), 16);
 }
 
+fn segment(name: &str, rules: Value) -> roster_core::flags::SegmentDefinition {
+    serde_json::from_value(json!({ "name": name, "rules": rules })).expect("valid segment")
+}
+
+fn feature(body: Value) -> roster_core::flags::FeatureDefinition {
+    serde_json::from_value(body).expect("valid feature")
+}
+
+/// A write policy that tracks memberships of the environment's segments as stored now.
+async fn tracking(store: &dyn Store, environment_id: EnvironmentId) -> WritePolicy {
+    let record = store.flag_config(environment_id).await.unwrap();
+    let evaluator = roster_core::flags::Evaluator::compile(&record.config).unwrap();
+    WritePolicy { segments: Some(std::sync::Arc::new(evaluator)), ..WritePolicy::default() }
+}
+
+pub async fn flag_configuration_is_stored_and_versioned(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    let other = new_environment(store, "staging").await;
+    let initial = store.flag_config(environment_id).await.unwrap();
+    assert_eq!(initial.config.environment_key, "client-production");
+    assert_eq!(initial.config.environment_name, "production");
+    let pro = segment(
+        "pro",
+        json!([{ "type": "ALL", "conditions": [{ "property": "plan", "operator": "EQUAL", "value": "pro" }] }]),
+    );
+    let segment_id = store.save_segment(environment_id, None, pro.clone()).await.unwrap().unwrap();
+    assert_eq!(
+        store.save_segment(environment_id, None, pro.clone()).await.unwrap().unwrap_err().code,
+        ErrorCode::NameTaken
+    );
+    // Names are per environment.
+    store.save_segment(other, None, pro.clone()).await.unwrap().unwrap();
+
+    let checkout = feature(json!({ "name": "checkout", "enabled": false, "value": "old",
+        "segment_overrides": [{ "segment_id": segment_id, "priority": 1, "enabled": true, "value": "new" }] }));
+    let feature_id = store.save_feature(environment_id, None, checkout.clone()).await.unwrap().unwrap();
+    let dangling = feature(json!({ "name": "x", "segment_overrides": [{ "segment_id": 999_999, "enabled": true }] }));
+    let refused = store.save_feature(environment_id, None, dangling).await.unwrap().unwrap_err();
+    assert_eq!((refused.code, refused.path.as_str()), (ErrorCode::InvalidFeature, "segment_overrides[0].segment_id"));
+
+    let profile_id = identify(store, environment_id, command(Some("vip"), None, json!({}), 1)).await;
+    let state = roster_core::flags::IdentityOverride { enabled: true, value: json!("vip") };
+    assert_eq!(
+        store.put_identity_override(environment_id, &profile_id, feature_id, state.clone()).await.unwrap().unwrap(),
+        profile_id
+    );
+    let missing = store.put_identity_override(environment_id, &profile_id, 999_999, state.clone()).await.unwrap();
+    assert_eq!(missing.unwrap_err().code, ErrorCode::NotFound);
+
+    let record = store.flag_config(environment_id).await.unwrap();
+    assert!(record.version > initial.version);
+    assert_eq!(store.flags_version(environment_id).await.unwrap(), record.version);
+    assert_eq!(record.config.segments.len(), 1);
+    assert_eq!(record.config.segments[0].definition, pro);
+    assert_eq!(record.config.features[0].definition, checkout);
+    assert_eq!(record.config.identity_overrides[0].profile_id, profile_id);
+    assert_eq!(record.config.identity_overrides[0].state, state);
+
+    // A segment a feature overrides cannot go; the feature can, taking its overrides with it.
+    let in_use = store.delete_segment(environment_id, segment_id).await.unwrap();
+    assert_eq!(in_use.unwrap_err().code, ErrorCode::SegmentInUse);
+    assert!(store.delete_feature(environment_id, feature_id).await.unwrap());
+    assert!(store.delete_segment(environment_id, segment_id).await.unwrap().unwrap());
+    let emptied = store.flag_config(environment_id).await.unwrap();
+    assert!(emptied.config.segments.is_empty() && emptied.config.features.is_empty());
+    assert!(emptied.config.identity_overrides.is_empty());
+    assert_eq!(store.flag_config(other).await.unwrap().config.segments.len(), 1);
+}
+
+pub async fn segment_memberships_follow_traits_with_history(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    // Profiles that exist before the segment does.
+    identify(store, environment_id, command(Some("early-pro"), None, json!({ "plan": "pro" }), 1)).await;
+    identify(store, environment_id, command(Some("early-free"), None, json!({ "plan": "free" }), 1)).await;
+    let rules = json!([{ "type": "ALL", "conditions": [{ "property": "plan", "operator": "EQUAL", "value": "pro" }] }]);
+    let segment_id = store.save_segment(environment_id, None, segment("pro", rules)).await.unwrap().unwrap();
+    let policy = tracking(store, environment_id).await;
+
+    // The background recomputation, one page at a time.
+    let (processed, next) = store.refresh_memberships(environment_id, policy.clone(), None, 1).await.unwrap();
+    assert_eq!(processed, 1);
+    let (processed, next) = store.refresh_memberships(environment_id, policy.clone(), next, 1).await.unwrap();
+    assert_eq!(processed, 1);
+    let (processed, next) = store.refresh_memberships(environment_id, policy.clone(), next, 1).await.unwrap();
+    assert_eq!((processed, next), (0, None));
+    let members = store.segment_members(environment_id, segment_id, None, 10).await.unwrap();
+    assert_eq!(members.total, 1);
+    assert_eq!(members.members[0].user_id.as_deref(), Some("early-pro"));
+
+    // Writes re-evaluate in the same transaction: entering and leaving are recorded.
+    let identify_with = |user: &str, plan: &str, micros: i64| {
+        let policy = policy.clone();
+        let command = command(Some(user), None, json!({ "plan": plan }), micros);
+        async move { store.identify(environment_id, vec![command], policy).await.unwrap().remove(0).unwrap() }
+    };
+    identify_with("ada", "pro", 2).await;
+    identify_with("ada", "free", 3).await;
+    identify_with("ada", "pro", 4).await;
+    identify_with("early-pro", "free", 5).await;
+    let members = store.segment_members(environment_id, segment_id, None, 10).await.unwrap();
+    let member_ids: Vec<Option<&str>> = members.members.iter().map(|member| member.user_id.as_deref()).collect();
+    assert_eq!((members.total, member_ids), (1, vec![Some("ada")]));
+    let history = sql(
+        store,
+        environment_id,
+        "SELECT distinct_id, segment, exited_at IS NULL, is_member FROM segment_memberships \
+         WHERE distinct_id = 'ada' ORDER BY entered_at",
+    )
+    .await;
+    assert_eq!(
+        history.rows,
+        vec![
+            vec![json!("ada"), json!("pro"), json!(0), json!(0)],
+            vec![json!("ada"), json!("pro"), json!(1), json!(1)]
+        ]
+    );
+
+    // Tracks that create a profile and explicit merges keep memberships right too.
+    let not_pro =
+        json!([{ "type": "NONE", "conditions": [{ "property": "plan", "operator": "EQUAL", "value": "pro" }] }]);
+    let others = store.save_segment(environment_id, None, segment("not pro", not_pro)).await.unwrap().unwrap();
+    let policy = tracking(store, environment_id).await;
+    store.track(environment_id, vec![track(Some("walk-in"), None, "Visit", 6)], policy.clone()).await.unwrap();
+    let others_members = store.segment_members(environment_id, others, None, 10).await.unwrap();
+    assert!(others_members.members.iter().any(|member| member.user_id.as_deref() == Some("walk-in")));
+    store.merge_profiles(environment_id, by_user("ada"), by_user("early-free"), policy.clone()).await.unwrap().unwrap();
+    let count =
+        sql(store, environment_id, "SELECT count(*) FROM segment_memberships WHERE is_member AND distinct_id = 'ada'")
+            .await;
+    assert_eq!(count.rows, vec![vec![json!(1)]], "the survivor is in `pro` once");
+
+    // Erasure takes the history; deleting a segment takes its memberships.
+    store.erase_profile(environment_id, by_user("ada")).await.unwrap();
+    assert_eq!(store.segment_members(environment_id, segment_id, None, 10).await.unwrap().total, 0);
+    assert!(store.delete_segment(environment_id, others).await.unwrap().unwrap());
+    assert_eq!(store.segment_members(environment_id, others, None, 10).await.unwrap().total, 0);
+}
+
 /// Instantiates every contract case as a test for one backend. `$make` is an async expression
 /// producing `(Arc<dyn Store>, guard)`; the guard (e.g. a temp dir) lives until the test ends.
 #[macro_export]
@@ -1130,6 +1268,8 @@ macro_rules! store_contract_suite {
             name_is_filled_from_first_and_last_name,
             devices_come_from_context_and_follow_their_current_user,
             an_explicit_merge_joins_two_identified_users,
+            flag_configuration_is_stored_and_versioned,
+            segment_memberships_follow_traits_with_history,
             a_merge_reports_what_the_survivor_holds,
             merged_away_profile_ids_forward_for_writes,
             suppression_covers_every_identifier_of_the_person,

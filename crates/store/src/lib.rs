@@ -14,11 +14,13 @@ pub mod sqlite;
 mod contract;
 
 use async_trait::async_trait;
+use roster_core::flags::{FeatureDefinition, IdentityOverride, SegmentDefinition};
 use roster_core::{DeviceUpdate, FieldError, IdentifierKind, IdentifyCommand, Timestamp, TrackCommand};
 
 pub use model::{
-    Device, EnvironmentId, EnvironmentRecord, EventPage, IdentifyOutcome, MergeOutcome, NewEnvironment, Profile,
-    ProfileFilter, ProfilePage, ProfileSelector, QueryBounds, QueryOutput, StoredEvent, TrackOutcome, WritePolicy,
+    Device, EnvironmentId, EnvironmentRecord, EventPage, FlagConfigRecord, IdentifyOutcome, MemberPage, MergeOutcome,
+    NewEnvironment, Profile, ProfileFilter, ProfilePage, ProfileSelector, QueryBounds, QueryOutput, SegmentMember,
+    StoredEvent, TrackOutcome, WritePolicy,
 };
 pub use sqlite::SqliteStore;
 
@@ -181,4 +183,72 @@ pub trait Store: Send + Sync + 'static {
         after: Option<String>,
         limit: usize,
     ) -> StoreResult<ProfilePage>;
+
+    /// The environment's segments, features and identity overrides, the key identities are
+    /// hashed with, and the configuration's version.
+    async fn flag_config(&self, environment_id: EnvironmentId) -> StoreResult<FlagConfigRecord>;
+
+    /// Only the configuration's version: cheap enough to poll.
+    async fn flags_version(&self, environment_id: EnvironmentId) -> StoreResult<i64>;
+
+    /// Creates (`segment_id` `None`) or replaces a segment, already validated; its id.
+    async fn save_segment(
+        &self,
+        environment_id: EnvironmentId,
+        segment_id: Option<i64>,
+        definition: SegmentDefinition,
+    ) -> StoreResult<Result<i64, FieldError>>;
+
+    /// Deletes a segment and its membership history; refused while a feature overrides it.
+    async fn delete_segment(
+        &self,
+        environment_id: EnvironmentId,
+        segment_id: i64,
+    ) -> StoreResult<Result<bool, FieldError>>;
+
+    /// Creates or replaces a feature, already validated (overridden segments must exist); its id.
+    async fn save_feature(
+        &self,
+        environment_id: EnvironmentId,
+        feature_id: Option<i64>,
+        definition: FeatureDefinition,
+    ) -> StoreResult<Result<i64, FieldError>>;
+
+    /// Deletes a feature and its identity overrides.
+    async fn delete_feature(&self, environment_id: EnvironmentId, feature_id: i64) -> StoreResult<bool>;
+
+    /// Sets a profile's override of a feature (a merged-away id forwards); the profile id it landed on.
+    async fn put_identity_override(
+        &self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        feature_id: i64,
+        state: IdentityOverride,
+    ) -> StoreResult<Result<String, FieldError>>;
+
+    async fn delete_identity_override(
+        &self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        feature_id: i64,
+    ) -> StoreResult<bool>;
+
+    /// Re-evaluates the segment memberships of one page of profiles with `policy.segments`;
+    /// how many were processed, and where the next page starts (`None`: done).
+    async fn refresh_memberships(
+        &self,
+        environment_id: EnvironmentId,
+        policy: WritePolicy,
+        after: Option<String>,
+        limit: usize,
+    ) -> StoreResult<(usize, Option<String>)>;
+
+    /// A segment's current members, in profile id order, with their count.
+    async fn segment_members(
+        &self,
+        environment_id: EnvironmentId,
+        segment_id: i64,
+        after: Option<String>,
+        limit: usize,
+    ) -> StoreResult<MemberPage>;
 }

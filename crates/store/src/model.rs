@@ -125,16 +125,23 @@ impl TrackOutcome {
 }
 
 /// How writes are applied, beyond the limits of one item.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct WritePolicy {
     pub limits: roster_core::Limits,
     /// A message id seen within this many microseconds is a duplicate.
     pub dedup_window_micros: i64,
+    /// The environment's segments as compiled now: a write that changes a profile's traits or
+    /// identity re-evaluates its memberships in the same transaction. `None`: not tracked.
+    pub segments: Option<std::sync::Arc<roster_core::flags::Evaluator>>,
 }
 
 impl Default for WritePolicy {
     fn default() -> Self {
-        WritePolicy { limits: roster_core::Limits::default(), dedup_window_micros: 24 * 3600 * 1_000_000 }
+        WritePolicy {
+            limits: roster_core::Limits::default(),
+            dedup_window_micros: 24 * 3600 * 1_000_000,
+            segments: None,
+        }
     }
 }
 
@@ -187,5 +194,31 @@ pub struct ProfileFilter {
 pub struct ProfilePage {
     pub profiles: Vec<Profile>,
     /// Pass as `after` to get the next page; `None` on the last page.
+    pub next_after: Option<String>,
+}
+
+/// An environment's flag configuration and its version (bumped by every change, so nodes sharing
+/// a database can tell when to recompile).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlagConfigRecord {
+    pub config: roster_core::flags::FlagConfig,
+    pub version: i64,
+}
+
+/// A current member of a segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentMember {
+    pub profile_id: String,
+    pub user_id: Option<String>,
+    pub entered_at: Timestamp,
+}
+
+/// One page of a segment's current members, in profile id order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberPage {
+    pub members: Vec<SegmentMember>,
+    /// Current members in all.
+    pub total: u64,
+    /// Pass as `after` for the next page; `None` on the last.
     pub next_after: Option<String>,
 }

@@ -3,6 +3,7 @@
 //! implements [`IdentityTx`] (lookups and writes on its own tables) and calls [`apply_identify`]
 //! or [`apply_track`] for each command, inside one transaction per batch.
 
+use roster_core::flags::Identity;
 use roster_core::reserved::{full_name, normalize_email};
 use roster_core::{
     DeviceUpdate, ErrorCode, FieldError, IdentifierKind, IdentifyCommand, Limits, LinkInput, LinkTarget, LinkWarning,
@@ -194,8 +195,37 @@ pub trait IdentityTx {
     ) -> Result<bool, StoreError>;
 
     /// Deletes a profile and everything about it: identifiers, devices, events, trait history,
-    /// forwards to it, remembered message ids.
+    /// forwards to it, segment memberships, identity overrides.
     fn erase_profile(&mut self, environment_id: EnvironmentId, profile_id: &str) -> Result<(), StoreError>;
+
+    /// The segments the profile is a member of now.
+    fn open_memberships(&mut self, environment_id: EnvironmentId, profile_id: &str) -> Result<Vec<i64>, StoreError>;
+
+    /// Records that the profile entered a segment at `at`.
+    fn enter_segment(
+        &mut self,
+        environment_id: EnvironmentId,
+        segment_id: i64,
+        profile_id: &str,
+        at: Timestamp,
+    ) -> Result<(), StoreError>;
+
+    /// Records that the profile left a segment at `at`.
+    fn exit_segment(
+        &mut self,
+        environment_id: EnvironmentId,
+        segment_id: i64,
+        profile_id: &str,
+        at: Timestamp,
+    ) -> Result<(), StoreError>;
+
+    /// Profile ids after `after`, in id order, at most `limit` (for membership recomputation).
+    fn profile_ids_after(
+        &mut self,
+        environment_id: EnvironmentId,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError>;
 }
 
 /// Applies one identify. A `FieldError` means the item was rejected before anything was written;
@@ -316,7 +346,7 @@ pub fn apply_identify(
     let target_id = profile.profile_id.as_str();
     let mut merged_profile_ids = Vec::new();
     if let Some(absorbed) = &absorbed {
-        move_absorbed(tx, environment_id, target_id, absorbed)?;
+        move_absorbed(tx, environment_id, target_id, absorbed, received_at)?;
         merged_profile_ids.push(absorbed.profile_id.clone());
     }
     if let Some(demoted) = &demoted_user_id {
@@ -342,6 +372,9 @@ pub fn apply_identify(
     }
     if let Some(device) = &command.device {
         tx.upsert_device(environment_id, target_id, device, received_at)?;
+    }
+    if created || !changes.is_empty() || absorbed.is_some() || profile.user_id != previous_user_id {
+        refresh_membership(tx, environment_id, &profile, policy, received_at)?;
     }
     if !changes.is_empty() {
         tx.record_trait_changes(environment_id, target_id, &changes_json(&changes), received_at)?;
@@ -394,15 +427,18 @@ pub fn apply_track(
         (None, Some(anonymous_id)) => find_anonymous(tx, environment_id, anonymous_id)?,
         (None, None) => None,
     };
+    let found = match (found, &command.anonymous_id) {
+        (Some(profile), _) => Some(profile),
+        (None, Some(anonymous_id)) => find_anonymous(tx, environment_id, anonymous_id)?,
+        (None, None) => None,
+    };
     let profile = match found {
         Some(profile) => profile,
-        None => match &command.anonymous_id {
-            Some(anonymous_id) => match find_anonymous(tx, environment_id, anonymous_id)? {
-                Some(profile) => profile,
-                None => create_unidentified(tx, environment_id, command, received_at)?,
-            },
-            None => create_unidentified(tx, environment_id, command, received_at)?,
-        },
+        None => {
+            let profile = create_unidentified(tx, environment_id, command, received_at)?;
+            refresh_membership(tx, environment_id, &profile, policy, received_at)?;
+            profile
+        }
     };
     if owner_is_suppressed(tx, environment_id, &profile, command.user_id.as_deref())? {
         return Ok(Ok(TrackOutcome::suppressed()));
@@ -473,7 +509,7 @@ pub fn apply_merge(
         return Ok(Err(violation));
     }
     let absorbed_identifiers = tx.identifiers_of(environment_id, &absorbed.profile_id)?;
-    move_absorbed(tx, environment_id, &profile.profile_id, &absorbed)?;
+    move_absorbed(tx, environment_id, &profile.profile_id, &absorbed, received_at)?;
     if let Some(user_id) = &inherited_user_id {
         tx.delete_identifier(environment_id, IdentifierKind::AnonymousId, user_id)?;
         tx.put_identifier(environment_id, IdentifierKind::UserId, user_id, &profile.profile_id)?;
@@ -482,6 +518,7 @@ pub fn apply_merge(
         tx.set_events_distinct_id(environment_id, &profile.profile_id, user_id)?;
     }
     reconcile_email(tx, environment_id, &profile)?;
+    refresh_membership(tx, environment_id, &profile, policy, received_at)?;
     if !changes.is_empty() {
         tx.record_trait_changes(environment_id, &profile.profile_id, &changes_json(&changes), received_at)?;
     }
@@ -566,6 +603,7 @@ pub fn apply_identifier_change(
         return Ok(Err(violation));
     }
     reconcile_email(tx, environment_id, &profile)?;
+    refresh_membership(tx, environment_id, &profile, policy, received_at)?;
     if !changes.is_empty() {
         tx.record_trait_changes(environment_id, &profile.profile_id, &changes_json(&changes), received_at)?;
     }
@@ -610,6 +648,64 @@ pub fn apply_erase(
     let Some(profile) = resolve(tx, environment_id, selector)? else { return Ok(None) };
     tx.erase_profile(environment_id, &profile.profile_id)?;
     Ok(Some(profile.profile_id))
+}
+
+/// Brings a profile's segment memberships up to date with its traits and identity: entries and
+/// exits are recorded at `at`. Does nothing when the environment has no segments.
+pub fn refresh_membership(
+    tx: &mut impl IdentityTx,
+    environment_id: EnvironmentId,
+    profile: &StoredProfile,
+    policy: &WritePolicy,
+    at: Timestamp,
+) -> Result<(), StoreError> {
+    let Some(evaluator) = policy.segments.as_deref() else { return Ok(()) };
+    let open = tx.open_memberships(environment_id, &profile.profile_id)?;
+    if evaluator.segment_count() == 0 && open.is_empty() {
+        return Ok(());
+    }
+    let traits = profile.traits.live_values();
+    let identity = Identity {
+        identifier: membership_identifier(profile),
+        profile_id: Some(&profile.profile_id),
+        traits: &traits,
+        transient_traits: None,
+    };
+    let wanted = evaluator.segment_ids_of(&identity);
+    for segment_id in wanted.iter().filter(|segment_id| !open.contains(segment_id)) {
+        tx.enter_segment(environment_id, *segment_id, &profile.profile_id, at)?;
+    }
+    for segment_id in open.iter().filter(|segment_id| !wanted.contains(segment_id)) {
+        tx.exit_segment(environment_id, *segment_id, &profile.profile_id, at)?;
+    }
+    Ok(())
+}
+
+/// The identifier segment membership is evaluated with: the user id, or for a profile known only
+/// anonymously its profile id (stable, unlike which of its anonymous ids a call names).
+pub fn membership_identifier(profile: &StoredProfile) -> &str {
+    profile.user_id.as_deref().unwrap_or(&profile.profile_id)
+}
+
+/// Re-evaluates the memberships of one page of profiles (after `after`, at most `limit`): the
+/// background step that follows a segment change. Returns how many were processed and the cursor
+/// for the next page (`None` when done).
+pub fn apply_membership_refresh(
+    tx: &mut impl IdentityTx,
+    environment_id: EnvironmentId,
+    policy: &WritePolicy,
+    after: Option<&str>,
+    limit: usize,
+    at: Timestamp,
+) -> Result<(usize, Option<String>), StoreError> {
+    let profile_ids = tx.profile_ids_after(environment_id, after, limit)?;
+    for profile_id in &profile_ids {
+        if let Some(profile) = tx.load_profile(environment_id, profile_id)? {
+            refresh_membership(tx, environment_id, &profile, policy, at)?;
+        }
+    }
+    let next = if profile_ids.len() < limit { None } else { profile_ids.last().cloned() };
+    Ok((profile_ids.len(), next))
 }
 
 fn taken(field: &str, value: &str, owner: &str) -> FieldError {
@@ -723,7 +819,13 @@ fn move_absorbed(
     environment_id: EnvironmentId,
     target_id: &str,
     absorbed: &StoredProfile,
+    at: Timestamp,
 ) -> Result<(), StoreError> {
+    // The absorbed profile's stints end here; its history moves with its other activity and the
+    // survivor's memberships are re-evaluated by the caller.
+    for segment_id in tx.open_memberships(environment_id, &absorbed.profile_id)? {
+        tx.exit_segment(environment_id, segment_id, &absorbed.profile_id, at)?;
+    }
     if let Some(absorbed_user_id) = &absorbed.user_id {
         tx.delete_identifier(environment_id, IdentifierKind::UserId, absorbed_user_id)?;
         tx.put_identifier(environment_id, IdentifierKind::AnonymousId, absorbed_user_id, target_id)?;

@@ -13,21 +13,25 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use roster_core::{DeviceUpdate, FieldError, IdentifierKind, IdentifyCommand, Timestamp, TrackCommand, TraitSet};
+use roster_core::flags::{FeatureDefinition, IdentityOverride, SegmentDefinition};
+use roster_core::{
+    DeviceUpdate, ErrorCode, FieldError, IdentifierKind, IdentifyCommand, Timestamp, TrackCommand, TraitSet,
+};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::model::{
-    Device, EnvironmentId, EnvironmentRecord, EventPage, MergeOutcome, NewEnvironment, Profile, ProfileFilter,
-    ProfilePage, ProfileSelector, QueryBounds, QueryOutput, StoredEvent, WritePolicy,
+    Device, EnvironmentId, EnvironmentRecord, EventPage, FlagConfigRecord, MemberPage, MergeOutcome, NewEnvironment,
+    Profile, ProfileFilter, ProfilePage, ProfileSelector, QueryBounds, QueryOutput, StoredEvent, WritePolicy,
 };
 use crate::resolution::{
     EventWrite, IdentityTx, ProfileWrite, SeenMessage, StoredProfile, apply_device_delete, apply_device_upsert,
-    apply_erase, apply_identifier_change, apply_identify, apply_merge, apply_track,
+    apply_erase, apply_identifier_change, apply_identify, apply_membership_refresh, apply_merge, apply_track, resolve,
 };
 use crate::{ItemResult, Store, StoreError, StoreResult, TrackResult};
 
+mod flags;
 mod query;
 
 /// File name of the database inside the data directory.
@@ -138,6 +142,48 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (environment_id, user_id)
     ) WITHOUT ROWID;
     ALTER TABLE profiles ADD COLUMN merge_count INTEGER NOT NULL DEFAULT 0;
+"#,
+    r#"
+    ALTER TABLE environments ADD COLUMN evaluation_key TEXT;
+    UPDATE environments SET evaluation_key = client_key;
+    ALTER TABLE environments ADD COLUMN flags_version INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE segments (
+        segment_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        environment_id INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        definition TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        UNIQUE (environment_id, name)
+    );
+    CREATE TABLE features (
+        feature_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        environment_id INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        definition TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        UNIQUE (environment_id, name)
+    );
+    CREATE TABLE identity_overrides (
+        environment_id INTEGER NOT NULL,
+        profile_id TEXT NOT NULL,
+        feature_id INTEGER NOT NULL,
+        enabled INTEGER NOT NULL,
+        value TEXT NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (environment_id, profile_id, feature_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX identity_overrides_by_feature ON identity_overrides (feature_id);
+    CREATE TABLE segment_memberships (
+        environment_id INTEGER NOT NULL,
+        segment_id INTEGER NOT NULL,
+        profile_id TEXT NOT NULL,
+        entered_at INTEGER NOT NULL,
+        exited_at INTEGER
+    );
+    CREATE INDEX segment_memberships_by_segment ON segment_memberships (environment_id, segment_id, exited_at, profile_id);
+    CREATE INDEX segment_memberships_by_profile ON segment_memberships (environment_id, profile_id, exited_at);
 "#,
 ];
 
@@ -645,6 +691,22 @@ impl IdentityTx for SqliteIdentityTx<'_> {
         self.connection
             .prepare_cached("UPDATE devices SET profile_id = ?3 WHERE environment_id = ?1 AND profile_id = ?2")?
             .execute(params![environment_id, from, to])?;
+        self.connection
+            .prepare_cached(
+                "UPDATE segment_memberships SET profile_id = ?3 WHERE environment_id = ?1 AND profile_id = ?2",
+            )?
+            .execute(params![environment_id, from, to])?;
+        // The survivor's own overrides win over the absorbed profile's.
+        self.connection
+            .prepare_cached(
+                "INSERT OR IGNORE INTO identity_overrides (environment_id, profile_id, feature_id, enabled, value, \
+                 updated_at) SELECT environment_id, ?3, feature_id, enabled, value, updated_at FROM identity_overrides \
+                 WHERE environment_id = ?1 AND profile_id = ?2",
+            )?
+            .execute(params![environment_id, from, to])?;
+        self.connection
+            .prepare_cached("DELETE FROM identity_overrides WHERE environment_id = ?1 AND profile_id = ?2")?
+            .execute(params![environment_id, from])?;
         Ok(())
     }
 
@@ -847,10 +909,66 @@ impl IdentityTx for SqliteIdentityTx<'_> {
             "DELETE FROM events WHERE environment_id = ?1 AND profile_id = ?2",
             "DELETE FROM trait_history WHERE environment_id = ?1 AND profile_id = ?2",
             "DELETE FROM profile_forwards WHERE environment_id = ?1 AND profile_id = ?2",
+            "DELETE FROM segment_memberships WHERE environment_id = ?1 AND profile_id = ?2",
+            "DELETE FROM identity_overrides WHERE environment_id = ?1 AND profile_id = ?2",
         ] {
             self.connection.prepare_cached(sql)?.execute(params![environment_id, profile_id])?;
         }
         Ok(())
+    }
+
+    fn open_memberships(&mut self, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<Vec<i64>> {
+        let mut statement = self.connection.prepare_cached(
+            "SELECT segment_id FROM segment_memberships WHERE environment_id = ?1 AND profile_id = ?2 \
+             AND exited_at IS NULL",
+        )?;
+        let rows = statement.query_map(params![environment_id, profile_id], |row| row.get(0))?;
+        Ok(rows.collect::<Result<Vec<i64>, _>>()?)
+    }
+
+    fn enter_segment(
+        &mut self,
+        environment_id: EnvironmentId,
+        segment_id: i64,
+        profile_id: &str,
+        at: Timestamp,
+    ) -> StoreResult<()> {
+        self.connection
+            .prepare_cached(
+                "INSERT INTO segment_memberships (environment_id, segment_id, profile_id, entered_at) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![environment_id, segment_id, profile_id, at.as_micros()])?;
+        Ok(())
+    }
+
+    fn exit_segment(
+        &mut self,
+        environment_id: EnvironmentId,
+        segment_id: i64,
+        profile_id: &str,
+        at: Timestamp,
+    ) -> StoreResult<()> {
+        self.connection
+            .prepare_cached(
+                "UPDATE segment_memberships SET exited_at = ?4 WHERE environment_id = ?1 AND segment_id = ?2 \
+                 AND profile_id = ?3 AND exited_at IS NULL",
+            )?
+            .execute(params![environment_id, segment_id, profile_id, at.as_micros()])?;
+        Ok(())
+    }
+
+    fn profile_ids_after(
+        &mut self,
+        environment_id: EnvironmentId,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<String>> {
+        let mut statement = self.connection.prepare_cached(
+            "SELECT profile_id FROM profiles WHERE environment_id = ?1 AND profile_id > ?2 ORDER BY profile_id LIMIT ?3",
+        )?;
+        let rows = statement.query_map(params![environment_id, after.unwrap_or(""), limit as i64], |row| row.get(0))?;
+        Ok(rows.collect::<Result<Vec<String>, _>>()?)
     }
 }
 
@@ -932,7 +1050,8 @@ const ENVIRONMENT_COLUMNS: &str = "environment_id, slug, name, client_key, serve
 
 fn insert_environment(connection: &Connection, environment: &NewEnvironment) -> StoreResult<EnvironmentRecord> {
     let inserted = connection.execute(
-        "INSERT INTO environments (slug, name, client_key, server_key_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO environments (slug, name, client_key, server_key_hash, created_at, evaluation_key) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?3)",
         params![
             environment.slug,
             environment.name,
@@ -1229,6 +1348,116 @@ impl Store for SqliteStore {
                     .execute([history_before.as_micros()])?;
             }
             Ok(removed)
+        })
+        .await
+    }
+
+    async fn flag_config(&self, environment_id: EnvironmentId) -> StoreResult<FlagConfigRecord> {
+        self.read(move |connection| flags::flag_config(connection, environment_id)).await
+    }
+
+    async fn flags_version(&self, environment_id: EnvironmentId) -> StoreResult<i64> {
+        self.read(move |connection| flags::flags_version(connection, environment_id)).await
+    }
+
+    async fn save_segment(
+        &self,
+        environment_id: EnvironmentId,
+        segment_id: Option<i64>,
+        definition: SegmentDefinition,
+    ) -> StoreResult<Result<i64, FieldError>> {
+        self.write(move |connection| flags::save_segment(connection, environment_id, segment_id, &definition, now()))
+            .await
+    }
+
+    async fn delete_segment(
+        &self,
+        environment_id: EnvironmentId,
+        segment_id: i64,
+    ) -> StoreResult<Result<bool, FieldError>> {
+        self.write(move |connection| flags::delete_segment(connection, environment_id, segment_id)).await
+    }
+
+    async fn save_feature(
+        &self,
+        environment_id: EnvironmentId,
+        feature_id: Option<i64>,
+        definition: FeatureDefinition,
+    ) -> StoreResult<Result<i64, FieldError>> {
+        self.write(move |connection| flags::save_feature(connection, environment_id, feature_id, &definition, now()))
+            .await
+    }
+
+    async fn delete_feature(&self, environment_id: EnvironmentId, feature_id: i64) -> StoreResult<bool> {
+        self.write(move |connection| flags::delete_feature(connection, environment_id, feature_id)).await
+    }
+
+    async fn put_identity_override(
+        &self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        feature_id: i64,
+        state: IdentityOverride,
+    ) -> StoreResult<Result<String, FieldError>> {
+        let profile_id = profile_id.to_owned();
+        self.write(move |connection| {
+            let selector = ProfileSelector::ProfileId(profile_id);
+            let Some(profile) = resolve(&mut SqliteIdentityTx { connection }, environment_id, &selector)? else {
+                return Ok(Err(FieldError::new(ErrorCode::NotFound, "profile_id", "no such profile")));
+            };
+            Ok(flags::put_identity_override(
+                connection,
+                environment_id,
+                &profile.profile_id,
+                feature_id,
+                &state,
+                now(),
+            )?
+            .map(|()| profile.profile_id))
+        })
+        .await
+    }
+
+    async fn delete_identity_override(
+        &self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        feature_id: i64,
+    ) -> StoreResult<bool> {
+        let profile_id = profile_id.to_owned();
+        self.write(move |connection| {
+            let selector = ProfileSelector::ProfileId(profile_id);
+            let Some(profile) = resolve(&mut SqliteIdentityTx { connection }, environment_id, &selector)? else {
+                return Ok(false);
+            };
+            flags::delete_identity_override(connection, environment_id, &profile.profile_id, feature_id)
+        })
+        .await
+    }
+
+    async fn refresh_memberships(
+        &self,
+        environment_id: EnvironmentId,
+        policy: WritePolicy,
+        after: Option<String>,
+        limit: usize,
+    ) -> StoreResult<(usize, Option<String>)> {
+        self.write(move |connection| {
+            let mut tx = SqliteIdentityTx { connection };
+            apply_membership_refresh(&mut tx, environment_id, &policy, after.as_deref(), limit, now())
+        })
+        .await
+    }
+
+    async fn segment_members(
+        &self,
+        environment_id: EnvironmentId,
+        segment_id: i64,
+        after: Option<String>,
+        limit: usize,
+    ) -> StoreResult<MemberPage> {
+        self.read(move |connection| {
+            flags::segment_members(connection, environment_id, segment_id, after.as_deref(), limit)
         })
         .await
     }
