@@ -69,6 +69,21 @@ impl TestServer {
         read(response).await
     }
 
+    /// Any method, with `X-API-Key` and an optional JSON body.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self.http.request(method, self.url(path)).header("X-API-Key", key);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        read(request.send().await.expect("request sent")).await
+    }
+
     pub async fn get(&self, path: &str, key: &str) -> (StatusCode, Value) {
         let response = self.http.get(self.url(path)).header("X-API-Key", key).send().await.expect("request sent");
         read(response).await

@@ -4,19 +4,9 @@
 use std::sync::Arc;
 
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::common::{TestServer, assert_error, read};
-
-impl TestServer {
-    async fn send(&self, method: reqwest::Method, path: &str, key: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut request = self.http.request(method, self.url(path)).header("X-API-Key", key);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        read(request.send().await.expect("request sent")).await
-    }
-}
+use crate::common::{TestServer, assert_error};
 
 #[tokio::test]
 async fn profiles_are_found_by_email_and_an_email_is_claimed_once() {

@@ -8,6 +8,7 @@ mod bad_input;
 mod cli;
 mod crash;
 mod events;
+mod flags;
 mod flags_differential;
 mod graph;
 mod identify;
