@@ -249,3 +249,105 @@ async fn memberships_are_computed_for_existing_profiles_and_follow_trait_changes
     let (_, members) = server.get(&members_path, &server.keys.server_key).await;
     assert_eq!(members["total"], 3);
 }
+
+/// Remote evaluation (`POST /v1/flags`) and local evaluation by Flagsmith's Python SDK from the
+/// environment document give every identity the same flags, variants and segments.
+#[tokio::test]
+async fn local_evaluation_from_the_environment_document_matches_remote_evaluation() {
+    let Ok(python) = std::env::var("ROSTER_FLAG_ENGINE_PYTHON") else {
+        eprintln!(
+            "SKIPPED local_evaluation_from_the_environment_document_matches_remote_evaluation: set ROSTER_FLAG_ENGINE_PYTHON (.ci/run does)"
+        );
+        return;
+    };
+    let server = TestServer::start().await;
+    let pro = server.create("/v1/segments", pro_segment()).await;
+    let half = server
+        .create(
+            "/v1/segments",
+            json!({ "name": "half", "rules": [{ "type": "ALL", "conditions": [{ "operator": "PERCENTAGE_SPLIT", "value": "50" }] }] }),
+        )
+        .await;
+    let numbers = server
+        .create(
+            "/v1/segments",
+            json!({ "name": "numbers", "rules": [{ "type": "ANY", "conditions": [
+                { "property": "seats", "operator": "MODULO", "value": "2|0" },
+                { "property": "country", "operator": "IN", "value": ["fr", "de"] },
+                { "property": "email", "operator": "REGEX", "value": ".*@example\\.com" }] }] }),
+        )
+        .await;
+    let checkout = server
+        .create(
+            "/v1/features",
+            json!({ "name": "checkout", "value": "v1",
+                "variants": [{ "key": "blue", "value": "b", "weight": 30 }, { "key": "green", "value": "g", "weight": 30 }],
+                "segment_overrides": [
+                    { "segment_id": pro["id"], "priority": 2, "enabled": true, "value": "pro" },
+                    { "segment_id": numbers["id"], "priority": 1, "enabled": true, "value": "numbers" }] }),
+        )
+        .await;
+    server
+        .create(
+            "/v1/features",
+            json!({ "name": "banner", "enabled": true, "value": 7,
+                "segment_overrides": [{ "segment_id": half["id"], "enabled": false, "value": 0 }] }),
+        )
+        .await;
+
+    const COUNTRIES: [&str; 4] = ["fr", "us", "de", "jp"];
+    let mut identities = Vec::new();
+    let mut remote = Vec::new();
+    for number in 0..40 {
+        let identifier = format!("user-{number}");
+        let traits = json!({
+            "plan": if number % 3 == 0 { "pro" } else { "free" },
+            "app_version": if number % 2 == 0 { "2.1.0" } else { "1.9.9" },
+            "seats": number,
+            "country": COUNTRIES[number % 4],
+            "email": format!("{identifier}@{}", if number % 5 == 0 { "example.com" } else { "test.org" }),
+        });
+        let answer = server.flags_for(json!({ "distinct_id": identifier, "traits": traits })).await;
+        if number == 7 {
+            let path = format!("/v1/features/{}/overrides/{}", checkout["id"], answer["profile_id"].as_str().unwrap());
+            let (status, _) = server
+                .send(Method::PUT, &path, &server.keys.server_key, Some(json!({ "enabled": false, "value": "seven" })))
+                .await;
+            assert_eq!(status, StatusCode::OK);
+        }
+        identities.push(json!({ "identifier": identifier, "traits": traits }));
+    }
+    for identity in &identities {
+        remote.push(server.flags_for(json!({ "distinct_id": identity["identifier"] })).await);
+    }
+    let (_, document) = server.get("/v1/environment-document", &server.keys.server_key).await;
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/local_evaluation.py");
+    let mut child = std::process::Command::new(&python)
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    let request = json!({ "document": document, "identities": identities }).to_string();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), request.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "local evaluation failed: {}", String::from_utf8_lossy(&output.stderr));
+    let local: Vec<Value> = serde_json::from_slice(&output.stdout).unwrap();
+
+    let mut variants = 0;
+    for ((identity, remote), local) in identities.iter().zip(&remote).zip(&local) {
+        for remote_flag in remote["flags"].as_array().unwrap() {
+            let name = remote_flag["feature"].as_str().unwrap();
+            let expected = json!({ "enabled": remote_flag["enabled"], "value": remote_flag["value"], "variant": remote_flag["variant"] });
+            assert_eq!(local["flags"][name], expected, "{} {name}", identity["identifier"]);
+            variants += usize::from(remote_flag["variant"].as_str().is_some_and(|variant| variant != "control"));
+        }
+        let remote_segments: Vec<&Value> =
+            remote["segments"].as_array().unwrap().iter().map(|segment| &segment["name"]).collect();
+        assert_eq!(json!(remote_segments), local["segments"], "{}", identity["identifier"]);
+    }
+    assert!(variants > 0, "some identities must fall in a variant");
+    assert_eq!(flag(&remote[7], "checkout")["value"], "seven");
+}
