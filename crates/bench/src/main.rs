@@ -5,8 +5,12 @@
 //! `roster-bench query` measures SQL on the embedded store: a group-by over many identities and a
 //! user's latest events among many events.
 //!
+//! `roster-bench flags` measures flag evaluation against Flagsmith's reference engine.
+//!
 //! Run: `cargo run --release -p roster-bench -- --help`. Not a test: it prints figures and compares
 //! them with the targets in DESIGN.md; it fails only if something errors.
+
+mod flags;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,6 +38,8 @@ enum Bench {
     Ingest,
     /// SQL: GROUP BY over identities, a user's last 50 events.
     Query(QueryOptions),
+    /// Flag evaluation: Roster's compiled evaluator vs Flagsmith's reference engine.
+    Flags(flags::FlagsOptions),
 }
 
 #[derive(Debug, clap::Args)]
@@ -73,6 +79,9 @@ struct Options {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Bench::Flags(options)) = &cli.bench {
+        return flags::flags_bench(options);
+    }
     if let Some(Bench::Query(options)) = &cli.bench {
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
         return runtime.block_on(query_bench(options));

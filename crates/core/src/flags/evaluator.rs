@@ -119,6 +119,9 @@ pub struct Evaluator {
     environment_name: String,
     segments: Vec<CompiledSegment>,
     features: Vec<CompiledFeature>,
+    /// The distinct trait keys conditions read: each is looked up and mapped once per evaluation,
+    /// however many conditions read it.
+    trait_slots: Vec<String>,
     /// Profile id → (feature index, enabled, value).
     identity_overrides: HashMap<String, Vec<(usize, bool, Value)>>,
 }
@@ -148,12 +151,10 @@ struct CompiledCondition {
 /// Where a condition's value comes from.
 #[derive(Debug)]
 enum Source {
-    Trait(String),
+    /// A trait, by its slot in `Evaluator::trait_slots`.
+    Trait(usize),
     /// A `$.` path: a trait literally named so wins, as in the reference.
-    Path {
-        literal: String,
-        path: ContextPath,
-    },
+    Path { literal: String, path: ContextPath },
     /// `PERCENTAGE_SPLIT` with no property: the identity key, unmapped.
     IdentityKey,
 }
@@ -209,7 +210,7 @@ enum Matcher {
     },
     NotContains(String),
     Regex(regex::Regex),
-    In(HashSet<String>),
+    In(InSet),
     Modulo {
         divisor: f64,
         remainder: f64,
@@ -219,6 +220,26 @@ enum Matcher {
     PercentageSplit {
         threshold: f64,
     },
+}
+
+/// An `IN` list: scanned when short (cheaper than hashing the value), hashed when long.
+#[derive(Debug)]
+enum InSet {
+    Few(Vec<String>),
+    Many(HashSet<String>),
+}
+
+impl InSet {
+    fn new(items: HashSet<String>) -> InSet {
+        if items.len() <= 16 { InSet::Few(items.into_iter().collect()) } else { InSet::Many(items) }
+    }
+
+    fn contains(&self, text: &str) -> bool {
+        match self {
+            InSet::Few(items) => items.iter().any(|item| item == text),
+            InSet::Many(items) => items.contains(text),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -245,8 +266,14 @@ pub struct CompileError(String);
 impl Evaluator {
     pub fn compile(config: &FlagConfig) -> Result<Evaluator, CompileError> {
         let mut segments: Vec<CompiledSegment> = Vec::with_capacity(config.segments.len());
+        let mut trait_slots = Vec::new();
         for segment in &config.segments {
-            let rules = segment.definition.rules.iter().map(compile_rule).collect::<Result<Vec<_>, _>>()?;
+            let rules = segment
+                .definition
+                .rules
+                .iter()
+                .map(|rule| compile_rule(rule, &mut trait_slots))
+                .collect::<Result<Vec<_>, _>>()?;
             segments.push(CompiledSegment {
                 id: segment.id,
                 name: segment.definition.name.clone(),
@@ -304,6 +331,7 @@ impl Evaluator {
             environment_name: config.environment_name.clone(),
             segments,
             features,
+            trait_slots,
             identity_overrides,
         })
     }
@@ -312,7 +340,7 @@ impl Evaluator {
     /// overrides of segments that match on the environment alone.
     pub fn evaluate(&self, identity: Option<&Identity<'_>>) -> Evaluation<'_> {
         let identity_key = identity.map(|identity| format!("{}_{}", self.environment_key, identity.identifier));
-        let scope = Scope { evaluator: self, identity, identity_key: identity_key.as_deref() };
+        let scope = Scope::new(self, identity, identity_key.as_deref());
         let matched: Vec<bool> = self.segments.iter().map(|segment| scope.in_segment(segment)).collect();
         let overridden = identity
             .and_then(|identity| identity.profile_id)
@@ -362,7 +390,7 @@ impl Evaluator {
     /// The ids of the segments an identity is in (for membership tracking).
     pub fn segment_ids_of(&self, identity: &Identity<'_>) -> Vec<i64> {
         let identity_key = format!("{}_{}", self.environment_key, identity.identifier);
-        let scope = Scope { evaluator: self, identity: Some(identity), identity_key: Some(&identity_key) };
+        let scope = Scope::new(self, Some(identity), Some(&identity_key));
         self.segments.iter().filter(|segment| scope.in_segment(segment)).map(|segment| segment.id).collect()
     }
 
@@ -380,9 +408,23 @@ struct Scope<'s, 'i> {
     evaluator: &'s Evaluator,
     identity: Option<&'s Identity<'i>>,
     identity_key: Option<&'s str>,
+    /// The mapped value of each trait slot.
+    traits: Vec<Option<ContextValue<'i>>>,
 }
 
 impl<'s, 'i> Scope<'s, 'i> {
+    fn new(evaluator: &'s Evaluator, identity: Option<&'s Identity<'i>>, identity_key: Option<&'s str>) -> Self {
+        let traits = match identity {
+            Some(identity) => evaluator
+                .trait_slots
+                .iter()
+                .map(|key| identity.trait_value(key).and_then(ContextValue::from_json))
+                .collect(),
+            None => Vec::new(),
+        };
+        Scope { evaluator, identity, identity_key, traits }
+    }
+
     fn in_segment(&self, segment: &CompiledSegment) -> bool {
         !segment.rules.is_empty() && segment.rules.iter().all(|rule| self.rule_matches(rule, &segment.key))
     }
@@ -400,7 +442,7 @@ impl<'s, 'i> Scope<'s, 'i> {
 
     fn value_of(&self, source: &Source) -> Option<ContextValue<'_>> {
         match source {
-            Source::Trait(key) => self.identity?.trait_value(key).and_then(ContextValue::from_json),
+            Source::Trait(slot) => self.traits.get(*slot).cloned().flatten(),
             Source::IdentityKey => self.identity_key.map(|key| ContextValue::Text(std::borrow::Cow::Borrowed(key))),
             Source::Path { literal, path } => {
                 if let Some(value) = self.identity.and_then(|identity| identity.trait_value(literal))
@@ -558,24 +600,44 @@ fn compare_versions(left: &semver::Version, right: &semver::Version) -> std::cmp
     })
 }
 
+/// `value % 9999` in 64-bit steps (128-bit division is a slow library call).
+fn modulo_9999(value: u128) -> u64 {
+    const DIVISOR: u64 = 9999;
+    const HIGH_WEIGHT: u64 = ((u64::MAX % DIVISOR) + 1) % DIVISOR; // 2^64 mod 9999
+    let (high, low) = ((value >> 64) as u64, value as u64);
+    ((high % DIVISOR) * HIGH_WEIGHT + low % DIVISOR) % DIVISOR
+}
+
 /// A number in [0, 100) from the md5 of the comma-joined ids; a result of exactly 100 hashes
 /// the ids repeated once more, as the reference does.
 pub fn hashed_percentage(ids: &[&str]) -> f64 {
     let mut iterations = 1;
+    let mut buffer = [0u8; 256];
     loop {
-        let mut hasher = Md5::new();
-        let mut first = true;
-        for _ in 0..iterations {
-            for id in ids {
-                if !first {
-                    hasher.update(b",");
+        let mut length = 0;
+        let mut fits = true;
+        for iteration in 0..iterations {
+            for (index, id) in ids.iter().enumerate() {
+                let separator = usize::from(iteration > 0 || index > 0);
+                if length + separator + id.len() > buffer.len() {
+                    fits = false;
+                    break;
                 }
-                hasher.update(id.as_bytes());
-                first = false;
+                if separator == 1 {
+                    buffer[length] = b',';
+                }
+                buffer[length + separator..length + separator + id.len()].copy_from_slice(id.as_bytes());
+                length += separator + id.len();
             }
         }
-        let digest: [u8; 16] = hasher.finalize().into();
-        let bucket = u128::from_be_bytes(digest) % 9999;
+        // Long ids (rare) are hashed from the heap; the usual case stays on the stack.
+        let digest: [u8; 16] = if fits {
+            Md5::digest(&buffer[..length]).into()
+        } else {
+            let joined = vec![ids.join(","); iterations].join(",");
+            Md5::digest(joined.as_bytes()).into()
+        };
+        let bucket = modulo_9999(u128::from_be_bytes(digest));
         let value = (bucket as f64 / 9998.0) * 100.0;
         if value != 100.0 {
             return value;
@@ -584,29 +646,52 @@ pub fn hashed_percentage(ids: &[&str]) -> f64 {
     }
 }
 
-fn compile_rule(rule: &SegmentRule) -> Result<CompiledRule, CompileError> {
-    Ok(CompiledRule {
-        rule_type: rule.rule_type,
-        conditions: rule
-            .conditions
-            .iter()
-            .map(|condition| {
-                Ok(CompiledCondition {
-                    source: compile_source(&condition.property, condition.operator),
-                    matcher: compile_matcher(condition.operator, &condition.value)?,
-                })
-            })
-            .collect::<Result<_, CompileError>>()?,
-        rules: rule.rules.iter().map(compile_rule).collect::<Result<_, _>>()?,
-    })
+fn compile_rule(rule: &SegmentRule, trait_slots: &mut Vec<String>) -> Result<CompiledRule, CompileError> {
+    let mut conditions = Vec::with_capacity(rule.conditions.len());
+    for condition in &rule.conditions {
+        conditions.push(CompiledCondition {
+            source: compile_source(&condition.property, condition.operator, trait_slots),
+            matcher: compile_matcher(condition.operator, &condition.value)?,
+        });
+    }
+    // Conditions are pure, so any order gives the same answer; cheap ones first lets ALL, ANY
+    // and NONE stop before a regex or a hash is needed.
+    conditions.sort_by_key(|condition| condition.matcher.cost());
+    let rules = rule.rules.iter().map(|sub_rule| compile_rule(sub_rule, trait_slots)).collect::<Result<_, _>>()?;
+    Ok(CompiledRule { rule_type: rule.rule_type, conditions, rules })
 }
 
-fn compile_source(property: &str, operator: Operator) -> Source {
+impl Matcher {
+    /// Relative cost of evaluating the matcher, for ordering a rule's conditions.
+    fn cost(&self) -> u8 {
+        match self {
+            Matcher::IsSet | Matcher::IsNotSet => 0,
+            Matcher::Typed { version: None, .. } | Matcher::NotContains(_) | Matcher::Modulo { .. } => 1,
+            Matcher::In(_) => 2,
+            Matcher::Typed { version: Some(_), .. } => 3,
+            Matcher::Regex(_) => 4,
+            Matcher::PercentageSplit { .. } => 5,
+        }
+    }
+}
+
+fn trait_slot(key: &str, trait_slots: &mut Vec<String>) -> Source {
+    let slot = match trait_slots.iter().position(|known| known == key) {
+        Some(slot) => slot,
+        None => {
+            trait_slots.push(key.to_owned());
+            trait_slots.len() - 1
+        }
+    };
+    Source::Trait(slot)
+}
+
+fn compile_source(property: &str, operator: Operator, trait_slots: &mut Vec<String>) -> Source {
     if property.is_empty() && operator == Operator::PercentageSplit {
         return Source::IdentityKey;
     }
     if !property.starts_with("$.") {
-        return Source::Trait(property.to_owned());
+        return trait_slot(property, trait_slots);
     }
     let path = match property {
         _ if property == CONTEXT_PATHS[0] => ContextPath::Identifier,
@@ -616,7 +701,7 @@ fn compile_source(property: &str, operator: Operator) -> Source {
         _ => match property.strip_prefix(TRAIT_PATH_PREFIX) {
             Some(name) if super::definition::is_simple_name(name) => ContextPath::Trait(name.to_owned()),
             // Not a path the reference can read either: a trait of that literal name.
-            _ => return Source::Trait(property.to_owned()),
+            _ => return trait_slot(property, trait_slots),
         },
     };
     Source::Path { literal: property.to_owned(), path }
@@ -631,7 +716,7 @@ fn compile_matcher(operator: Operator, value: &Value) -> Result<Matcher, Compile
     Ok(match operator {
         Operator::IsSet => Matcher::IsSet,
         Operator::IsNotSet => Matcher::IsNotSet,
-        Operator::In => Matcher::In(in_items(value)),
+        Operator::In => Matcher::In(InSet::new(in_items(value))),
         Operator::NotContains => Matcher::NotContains(text),
         Operator::Regex => Matcher::Regex(compile_regex(&text).map_err(CompileError)?),
         Operator::Modulo => {
@@ -745,6 +830,21 @@ mod tests {
         assert_eq!(hashed_percentage(&["a", "b"]), 56.72134426885377);
         assert_eq!(percentage, 21.064212842568512);
         assert_eq!(hashed_percentage(&["12", "user-7"]), 55.78115623124626);
+    }
+
+    #[test]
+    fn modulo_in_64_bit_steps_is_the_128_bit_modulo() {
+        for value in [
+            0u128,
+            9998,
+            9999,
+            u128::from(u64::MAX),
+            u128::from(u64::MAX) + 1,
+            u128::MAX,
+            0x1234_5678_9abc_def0_fedc_ba98_7654_3210,
+        ] {
+            assert_eq!(u128::from(modulo_9999(value)), value % 9999, "{value}");
+        }
     }
 
     fn feature(id: i64, body: Value) -> FeatureConfig {

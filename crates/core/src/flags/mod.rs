@@ -1,10 +1,12 @@
 //! Segments and feature flags: definitions with their save-time checks, and the compiled
 //! evaluator that gives, for the same inputs, the results of Flagsmith's reference engine.
 
+pub mod context;
 pub mod definition;
 pub mod evaluator;
 pub mod python;
 
+pub use context::reference_context;
 pub use definition::{
     FeatureDefinition, IdentityOverride, Operator, RuleType, SegmentCondition, SegmentDefinition, SegmentOverride,
     SegmentRule, Variant, validate_feature, validate_identity_override, validate_segment,

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use roster_core::flags::{
     Evaluator, FeatureConfig, FeatureDefinition, FlagConfig, Identity, IdentityOverride, IdentityOverrideConfig,
-    SegmentConfig, SegmentDefinition, validate_feature, validate_segment,
+    SegmentConfig, SegmentDefinition, reference_context, validate_feature, validate_segment,
 };
 use serde_json::{Map, Value, json};
 
@@ -256,65 +256,6 @@ fn environment(random: &mut Random, case_number: usize) -> Case {
     Case { config, identities }
 }
 
-/// The reference engine's context for an environment, as Flagsmith's SDKs build it from an
-/// environment document (identity overrides become segments matching identifiers).
-fn reference_context(config: &FlagConfig, identity: Option<&(String, Map<String, Value>)>) -> Value {
-    let mut features = Map::new();
-    for feature in &config.features {
-        let definition = &feature.definition;
-        let mut context = json!({ "key": feature.id.to_string(), "name": definition.name,
-            "enabled": definition.enabled, "value": definition.value });
-        if !definition.variants.is_empty() {
-            context["variants"] = definition
-                .variants
-                .iter()
-                .enumerate()
-                .map(|(priority, variant)| json!({ "key": variant.key, "value": variant.value, "weight": variant.weight, "priority": priority }))
-                .collect();
-        }
-        features.insert(definition.name.clone(), context);
-    }
-    let mut segments = Map::new();
-    for segment in &config.segments {
-        let overrides: Vec<Value> = config
-            .features
-            .iter()
-            .filter_map(|feature| {
-                let found = feature.definition.segment_overrides.iter().find(|o| o.segment_id == segment.id)?;
-                Some(json!({ "key": format!("override-{}-{}", feature.id, segment.id), "name": feature.definition.name,
-                    "enabled": found.enabled, "value": found.value, "priority": found.priority }))
-            })
-            .collect();
-        segments.insert(
-            segment.id.to_string(),
-            json!({ "key": segment.id.to_string(), "name": segment.definition.name,
-                "rules": serde_json::to_value(&segment.definition.rules).unwrap(), "overrides": overrides,
-                "metadata": { "source": "api" } }),
-        );
-    }
-    let mut by_identifier: std::collections::BTreeMap<&str, Vec<Value>> = std::collections::BTreeMap::new();
-    for identity_override in &config.identity_overrides {
-        let feature = config.features.iter().find(|feature| feature.id == identity_override.feature_id).unwrap();
-        by_identifier.entry(&identity_override.profile_id).or_default().push(json!({
-            "key": "", "name": feature.definition.name, "enabled": identity_override.state.enabled,
-            "value": identity_override.state.value, "priority": null }));
-    }
-    for (index, (identifier, overrides)) in by_identifier.into_iter().enumerate() {
-        segments.insert(
-            format!("identity-overrides-{index}"),
-            json!({ "key": format!("identity-overrides-{index}"), "name": "identity_overrides",
-                "rules": [{ "type": "ALL", "conditions": [{ "property": "$.identity.identifier", "operator": "IN", "value": [identifier] }] }],
-                "overrides": overrides, "metadata": { "source": "identity_overrides" } }),
-        );
-    }
-    let mut context = json!({ "environment": { "key": config.environment_key, "name": config.environment_name },
-        "features": features, "segments": segments });
-    if let Some((identifier, traits)) = identity {
-        context["identity"] = json!({ "identifier": identifier, "traits": traits });
-    }
-    context
-}
-
 #[test]
 fn roster_flags_match_the_reference_engine() {
     let Ok(python) = std::env::var("ROSTER_FLAG_ENGINE_PYTHON") else {
@@ -334,7 +275,7 @@ fn roster_flags_match_the_reference_engine() {
     let mut input = String::new();
     for (case_number, case) in cases.iter().enumerate() {
         for (identity_number, identity) in case.identities.iter().enumerate() {
-            let line = json!({ "id": [case_number, identity_number], "context": reference_context(&case.config, identity.as_ref()) });
+            let line = json!({ "id": [case_number, identity_number], "context": reference_context(&case.config, identity.as_ref().map(|(identifier, traits)| (identifier.as_str(), traits))) });
             input.push_str(&line.to_string());
             input.push('\n');
         }
@@ -379,7 +320,10 @@ fn roster_flags_match_the_reference_engine() {
         }
         let segments: Vec<&str> = evaluation.segments.iter().map(|(_, name)| *name).collect();
         matched_segments += segments.len();
-        let context = reference_context(&case.config, case.identities[identity_number].as_ref());
+        let context = reference_context(
+            &case.config,
+            case.identities[identity_number].as_ref().map(|(identifier, traits)| (identifier.as_str(), traits)),
+        );
         assert_eq!(
             Value::Object(flags),
             expected["flags"],
