@@ -350,29 +350,24 @@ impl Evaluator {
             .iter()
             .enumerate()
             .map(|(index, feature)| {
+                let overridden_state = |enabled: bool, value, reason| FlagState {
+                    feature_id: feature.id,
+                    name: &feature.name,
+                    enabled,
+                    value,
+                    variant: None,
+                    reason,
+                };
                 if let Some((_, enabled, value)) = overridden
                     .and_then(|overrides| overrides.iter().find(|(feature_index, _, _)| *feature_index == index))
                 {
-                    return FlagState {
-                        feature_id: feature.id,
-                        name: &feature.name,
-                        enabled: *enabled,
-                        value,
-                        variant: None,
-                        reason: Reason::IdentityOverride,
-                    };
+                    return overridden_state(*enabled, value, Reason::IdentityOverride);
                 }
                 if let Some((segment_index, _, enabled, value)) =
                     feature.overrides.iter().find(|(segment_index, _, _, _)| matched[*segment_index])
                 {
-                    return FlagState {
-                        feature_id: feature.id,
-                        name: &feature.name,
-                        enabled: *enabled,
-                        value,
-                        variant: None,
-                        reason: Reason::TargetingMatch { segment: &self.segments[*segment_index].name },
-                    };
+                    let segment = &self.segments[*segment_index].name;
+                    return overridden_state(*enabled, value, Reason::TargetingMatch { segment });
                 }
                 scope.default_state(feature)
             })
