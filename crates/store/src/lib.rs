@@ -8,6 +8,7 @@
 
 pub mod model;
 pub mod resolution;
+mod rows;
 pub mod sqlite;
 
 #[cfg(test)]

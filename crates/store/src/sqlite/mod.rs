@@ -7,16 +7,13 @@
 //! job. Durability costs one fsync per group instead of one per request. Reads run on a small pool
 //! of separate connections in parallel; WAL lets them proceed while the writer commits.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use roster_core::flags::{FeatureDefinition, IdentityOverride, SegmentDefinition};
-use roster_core::{
-    DeviceUpdate, ErrorCode, FieldError, IdentifierKind, IdentifyCommand, Timestamp, TrackCommand, TraitSet,
-};
+use roster_core::{DeviceUpdate, ErrorCode, FieldError, IdentifierKind, IdentifyCommand, Timestamp, TrackCommand};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -29,6 +26,7 @@ use crate::resolution::{
     EventWrite, IdentityTx, ProfileWrite, SeenMessage, StoredProfile, apply_device_delete, apply_device_upsert,
     apply_erase, apply_identifier_change, apply_identify, apply_membership_refresh, apply_merge, apply_track, resolve,
 };
+use crate::rows::{StoredProfileRow, identifier_kind, parse_event_cursor, parse_object};
 use crate::{ItemResult, Store, StoreError, StoreResult, TrackResult};
 
 mod flags;
@@ -461,67 +459,11 @@ fn stored_profile_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredPr
     })
 }
 
-/// A profile row as it comes out of SQLite, before its JSON columns are parsed.
-struct StoredProfileRow {
-    profile_id: String,
-    user_id: Option<String>,
-    identified: bool,
-    traits_json: String,
-    trait_timestamps_json: String,
-    created_at: i64,
-    updated_at: i64,
-    merge_count: i64,
-}
-
 impl StoredProfileRow {
-    fn parse_traits(&self) -> StoreResult<(Map<String, Value>, BTreeMap<String, Timestamp>)> {
-        let corrupt = |error: serde_json::Error| {
-            StoreError::Corrupt(format!("profile {} has unreadable traits: {error}", self.profile_id))
-        };
-        let values: Map<String, Value> = serde_json::from_str(&self.traits_json).map_err(corrupt)?;
-        let timestamps: BTreeMap<String, i64> = serde_json::from_str(&self.trait_timestamps_json).map_err(corrupt)?;
-        let timestamps = timestamps.into_iter().map(|(key, micros)| (key, Timestamp::from_micros(micros))).collect();
-        Ok((values, timestamps))
-    }
-
-    fn into_stored(self) -> StoreResult<StoredProfile> {
-        let (values, timestamps) = self.parse_traits()?;
-        Ok(StoredProfile {
-            traits: TraitSet::from_stored(values, timestamps),
-            profile_id: self.profile_id,
-            user_id: self.user_id,
-            identified: self.identified,
-            created_at: Timestamp::from_micros(self.created_at),
-            updated_at: Timestamp::from_micros(self.updated_at),
-            merge_count: self.merge_count,
-        })
-    }
-
     fn into_profile(self, connection: &Connection, environment_id: EnvironmentId) -> StoreResult<Profile> {
-        let (traits, all_timestamps) = self.parse_traits()?;
-        let trait_timestamps = all_timestamps.into_iter().filter(|(key, _)| traits.contains_key(key)).collect();
-        let mut anonymous_ids = Vec::new();
-        let mut email = None;
-        for (kind, value) in identifiers_of(connection, environment_id, &self.profile_id)? {
-            match kind {
-                IdentifierKind::AnonymousId => anonymous_ids.push(value),
-                IdentifierKind::Email => email = Some(value),
-                IdentifierKind::UserId => {}
-            }
-        }
+        let identifiers = identifiers_of(connection, environment_id, &self.profile_id)?;
         let devices = devices_of(connection, environment_id, &self.profile_id)?;
-        Ok(Profile {
-            profile_id: self.profile_id,
-            user_id: self.user_id,
-            identified: self.identified,
-            anonymous_ids,
-            email,
-            traits,
-            trait_timestamps,
-            devices,
-            created_at: Timestamp::from_micros(self.created_at),
-            updated_at: Timestamp::from_micros(self.updated_at),
-        })
+        self.into_profile_with(identifiers, devices)
     }
 }
 
@@ -536,13 +478,7 @@ fn identifiers_of(
     let rows = statement
         .query_map(params![environment_id, profile_id], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)))?
         .collect::<Result<Vec<_>, _>>()?;
-    rows.into_iter()
-        .map(|(kind, value)| {
-            IdentifierKind::parse(&kind)
-                .map(|kind| (kind, value))
-                .ok_or_else(|| StoreError::Corrupt(format!("unknown identifier kind `{kind}`")))
-        })
-        .collect()
+    rows.into_iter().map(|(kind, value)| Ok((identifier_kind(&kind)?, value))).collect()
 }
 
 fn devices_of(connection: &Connection, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<Vec<Device>> {
@@ -1020,19 +956,6 @@ fn current_profile_id(
         .prepare_cached("SELECT 1 FROM profiles WHERE environment_id = ?1 AND profile_id = ?2")?
         .exists(params![environment_id, profile_id])?;
     Ok(exists.then(|| profile_id.to_owned()))
-}
-
-/// `"<micros>:<event_id>"` as handed out in `next_before`; no cursor means "from the newest".
-fn parse_event_cursor(cursor: Option<&str>) -> (i64, String) {
-    cursor
-        .and_then(|cursor| cursor.split_once(':'))
-        .and_then(|(micros, event_id)| micros.parse::<i64>().ok().map(|micros| (micros, event_id.to_owned())))
-        .unwrap_or((i64::MAX, String::new()))
-}
-
-fn parse_object(text: &str, owner: &str) -> StoreResult<Map<String, Value>> {
-    serde_json::from_str(text)
-        .map_err(|error| StoreError::Corrupt(format!("event {owner} has unreadable JSON: {error}")))
 }
 
 fn environment_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<EnvironmentRecord> {
