@@ -7,6 +7,7 @@
 //! decisions themselves are pure functions of `roster-core`.
 
 pub mod model;
+pub mod postgres;
 pub mod resolution;
 mod rows;
 pub mod sqlite;
@@ -23,6 +24,7 @@ pub use model::{
     NewEnvironment, Profile, ProfileFilter, ProfilePage, ProfileSelector, QueryBounds, QueryOutput, SegmentMember,
     StoredEvent, TrackOutcome, WritePolicy,
 };
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::SqliteStore;
 
 /// Failures of the storage layer itself (not of the caller's input, which are [`FieldError`]s).
@@ -36,6 +38,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("the store is shutting down")]
     Closed,
+    /// A concurrent transaction conflicted with this one (it is retried before this surfaces).
+    #[error("concurrent writes conflicted: {0}")]
+    Contention(String),
     /// A user's SQL was refused before running (a write, DDL, a table outside the views, …).
     #[error("{0}")]
     QueryRefused(String),

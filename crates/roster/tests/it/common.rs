@@ -120,3 +120,8 @@ pub fn assert_error(status: StatusCode, body: &Value, expected_status: StatusCod
     assert!(body["message"].as_str().is_some_and(|message| !message.is_empty()), "message missing: {body}");
     assert!(body["type"].is_string() && body["link"].is_string(), "type/link missing: {body}");
 }
+
+/// Says that a test was skipped and why, where the test harness does not swallow it.
+pub fn skipped(test: &str, reason: &str) {
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("SKIPPED {test}: {reason}\n").as_bytes());
+}

@@ -255,8 +255,9 @@ async fn memberships_are_computed_for_existing_profiles_and_follow_trait_changes
 #[tokio::test]
 async fn local_evaluation_from_the_environment_document_matches_remote_evaluation() {
     let Ok(python) = std::env::var("ROSTER_FLAG_ENGINE_PYTHON") else {
-        eprintln!(
-            "SKIPPED local_evaluation_from_the_environment_document_matches_remote_evaluation: set ROSTER_FLAG_ENGINE_PYTHON (.ci/run does)"
+        crate::common::skipped(
+            "local_evaluation_from_the_environment_document_matches_remote_evaluation",
+            "set ROSTER_FLAG_ENGINE_PYTHON (.ci/run does)",
         );
         return;
     };

@@ -259,9 +259,10 @@ fn environment(random: &mut Random, case_number: usize) -> Case {
 #[test]
 fn roster_flags_match_the_reference_engine() {
     let Ok(python) = std::env::var("ROSTER_FLAG_ENGINE_PYTHON") else {
-        eprintln!(
-            "SKIPPED roster_flags_match_the_reference_engine: set ROSTER_FLAG_ENGINE_PYTHON to a Python with \
-             flagsmith-flag-engine installed (.ci/run does)"
+        crate::common::skipped(
+            "roster_flags_match_the_reference_engine",
+            "set ROSTER_FLAG_ENGINE_PYTHON to a Python with \
+             flagsmith-flag-engine installed (.ci/run does)",
         );
         return;
     };

@@ -1473,13 +1473,32 @@ mod contract_tests {
     use super::SqliteStore;
     use crate::Store;
 
-    async fn fresh_store() -> (Arc<dyn Store>, tempfile::TempDir) {
+    async fn fresh_store() -> Option<(Arc<dyn Store>, tempfile::TempDir)> {
         let directory = tempfile::tempdir().expect("temp dir");
         let store = SqliteStore::open(directory.path()).expect("open sqlite store");
-        (Arc::new(store), directory)
+        Some((Arc::new(store), directory))
     }
 
     crate::store_contract_suite!(fresh_store());
+
+    /// A value too large to build is an error, not an allocation that takes the server down.
+    #[tokio::test]
+    async fn a_value_too_large_to_build_fails_the_query() {
+        let (store, _directory) = fresh_store().await.expect("sqlite store");
+        let environment = store
+            .create_environment(crate::NewEnvironment {
+                slug: "production".into(),
+                name: "production".into(),
+                client_key: "client".into(),
+                server_key_hash: "hash".into(),
+                created_at: roster_core::Timestamp::from_micros(1),
+            })
+            .await
+            .unwrap();
+        let bounds = crate::QueryBounds { timeout: std::time::Duration::from_secs(5), max_rows: 10 };
+        let huge = store.query(environment.id, "SELECT length(randomblob(1000000000))", bounds).await;
+        assert!(matches!(huge, Err(crate::StoreError::QueryFailed(_))), "{huge:?}");
+    }
 
     #[tokio::test]
     async fn committed_writes_are_there_after_reopening() {

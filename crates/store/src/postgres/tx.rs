@@ -1,0 +1,536 @@
+//! [`IdentityTx`] on a PostgreSQL transaction: the write path's lookups and writes as SQL.
+
+use std::collections::HashMap;
+
+use postgres::types::ToSql;
+use postgres::{Row, Statement, Transaction};
+use roster_core::{DeviceUpdate, IdentifierKind, Timestamp};
+use serde_json::{Map, Value};
+
+use crate::model::{Device, EnvironmentId, Profile};
+use crate::resolution::{EventWrite, IdentityTx, ProfileWrite, SeenMessage, StoredProfile};
+use crate::rows::{StoredProfileRow, identifier_kind, parse_object};
+use crate::{StoreError, StoreResult};
+
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// An open transaction and the connection's prepared statements.
+pub struct PgTx<'c> {
+    transaction: Option<Transaction<'c>>,
+    statements: &'c mut HashMap<&'static str, Statement>,
+}
+
+impl<'c> PgTx<'c> {
+    pub(super) fn new(transaction: Transaction<'c>, statements: &'c mut HashMap<&'static str, Statement>) -> Self {
+        PgTx { transaction: Some(transaction), statements }
+    }
+
+    fn transaction(&mut self) -> StoreResult<&mut Transaction<'c>> {
+        self.transaction.as_mut().ok_or_else(|| StoreError::Database("the transaction is already finished".into()))
+    }
+
+    /// The statement for `sql`, prepared once per connection.
+    fn statement(&mut self, sql: &'static str) -> StoreResult<Statement> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.transaction()?.prepare(sql)?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    pub(crate) fn query(&mut self, sql: &'static str, params: Params<'_>) -> StoreResult<Vec<Row>> {
+        let statement = self.statement(sql)?;
+        Ok(self.transaction()?.query(&statement, params)?)
+    }
+
+    pub(crate) fn query_opt(&mut self, sql: &'static str, params: Params<'_>) -> StoreResult<Option<Row>> {
+        let statement = self.statement(sql)?;
+        Ok(self.transaction()?.query_opt(&statement, params)?)
+    }
+
+    pub(crate) fn query_one(&mut self, sql: &'static str, params: Params<'_>) -> StoreResult<Row> {
+        let statement = self.statement(sql)?;
+        Ok(self.transaction()?.query_one(&statement, params)?)
+    }
+
+    pub(crate) fn execute(&mut self, sql: &'static str, params: Params<'_>) -> StoreResult<u64> {
+        let statement = self.statement(sql)?;
+        Ok(self.transaction()?.execute(&statement, params)?)
+    }
+
+    /// Statements built at run time (users' SQL, settings): not cached.
+    pub(crate) fn raw(&mut self) -> StoreResult<&mut Transaction<'c>> {
+        self.transaction()
+    }
+
+    pub(super) fn commit(&mut self) -> StoreResult<()> {
+        match self.transaction.take() {
+            Some(transaction) => Ok(transaction.commit()?),
+            None => Ok(()),
+        }
+    }
+
+    /// The id a profile id stands for now: itself, or the survivor it was merged into.
+    pub(crate) fn current_profile_id(
+        &mut self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+    ) -> StoreResult<Option<String>> {
+        if let Some(survivor) = self.forwarded_profile_id(environment_id, profile_id)? {
+            return Ok(Some(survivor));
+        }
+        let exists = self
+            .query_opt(
+                "SELECT 1 FROM profiles WHERE environment_id = $1 AND profile_id = $2",
+                &[&environment_id, &profile_id],
+            )?
+            .is_some();
+        Ok(exists.then(|| profile_id.to_owned()))
+    }
+
+    /// A profile as read back, with identifiers and devices.
+    pub(crate) fn full_profile(
+        &mut self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+    ) -> StoreResult<Option<Profile>> {
+        let Some(row) = self.profile_row(environment_id, profile_id)? else { return Ok(None) };
+        let identifiers = self.identifiers_of(environment_id, profile_id)?;
+        let devices = self.devices_of(environment_id, profile_id)?;
+        row.into_profile_with(identifiers, devices).map(Some)
+    }
+
+    fn profile_row(
+        &mut self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+    ) -> StoreResult<Option<StoredProfileRow>> {
+        Ok(self
+            .query_opt(
+                "SELECT profile_id, user_id, identified, traits::text, trait_timestamps, created_at, updated_at, \
+                 merge_count FROM profiles WHERE environment_id = $1 AND profile_id = $2",
+                &[&environment_id, &profile_id],
+            )?
+            .as_ref()
+            .map(profile_from_row))
+    }
+
+    fn devices_of(&mut self, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<Vec<Device>> {
+        let rows = self.query(
+            "SELECT token, platform, attributes::text, last_used, last_status, created_at, updated_at FROM devices \
+             WHERE environment_id = $1 AND profile_id = $2 ORDER BY token",
+            &[&environment_id, &profile_id],
+        )?;
+        rows.iter()
+            .map(|row| {
+                let token: String = row.get(0);
+                Ok(Device {
+                    attributes: parse_object(row.get(2), &token)?,
+                    platform: row.get(1),
+                    last_used: row.get::<_, Option<i64>>(3).map(Timestamp::from_micros),
+                    last_status: row.get(4),
+                    created_at: Timestamp::from_micros(row.get(5)),
+                    updated_at: Timestamp::from_micros(row.get(6)),
+                    token,
+                })
+            })
+            .collect()
+    }
+}
+
+fn profile_from_row(row: &Row) -> StoredProfileRow {
+    StoredProfileRow {
+        profile_id: row.get(0),
+        user_id: row.get(1),
+        identified: row.get(2),
+        traits_json: row.get(3),
+        trait_timestamps_json: row.get(4),
+        created_at: row.get(5),
+        updated_at: row.get(6),
+        merge_count: row.get(7),
+    }
+}
+
+impl IdentityTx for PgTx<'_> {
+    fn find_by_identifier(
+        &mut self,
+        environment_id: EnvironmentId,
+        kind: IdentifierKind,
+        value: &str,
+    ) -> StoreResult<Option<StoredProfile>> {
+        self.query_opt(
+            "SELECT p.profile_id, p.user_id, p.identified, p.traits::text, p.trait_timestamps, p.created_at, \
+             p.updated_at, p.merge_count FROM identifiers i JOIN profiles p ON p.environment_id = i.environment_id \
+             AND p.profile_id = i.profile_id WHERE i.environment_id = $1 AND i.kind = $2 AND i.value = $3",
+            &[&environment_id, &kind.as_str(), &value],
+        )?
+        .as_ref()
+        .map(|row| profile_from_row(row).into_stored())
+        .transpose()
+    }
+
+    fn load_profile(&mut self, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<Option<StoredProfile>> {
+        self.profile_row(environment_id, profile_id)?.map(StoredProfileRow::into_stored).transpose()
+    }
+
+    fn forwarded_profile_id(&mut self, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<Option<String>> {
+        Ok(self
+            .query_opt(
+                "SELECT profile_id FROM profile_forwards WHERE environment_id = $1 AND old_profile_id = $2",
+                &[&environment_id, &profile_id],
+            )?
+            .map(|row| row.get(0)))
+    }
+
+    fn save_profile(&mut self, environment_id: EnvironmentId, write: &ProfileWrite<'_>) -> StoreResult<()> {
+        let profile = write.profile;
+        self.execute(
+            "INSERT INTO profiles (profile_id, environment_id, user_id, identified, traits, trait_timestamps, \
+             created_at, updated_at, merge_count) VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7, $8, $9) \
+             ON CONFLICT (environment_id, profile_id) DO UPDATE SET user_id = excluded.user_id, \
+             identified = excluded.identified, traits = excluded.traits, trait_timestamps = excluded.trait_timestamps, \
+             created_at = excluded.created_at, updated_at = excluded.updated_at, merge_count = excluded.merge_count",
+            &[
+                &profile.profile_id,
+                &environment_id,
+                &profile.user_id,
+                &profile.identified,
+                &write.traits_json,
+                &write.trait_timestamps_json,
+                &profile.created_at.as_micros(),
+                &profile.updated_at.as_micros(),
+                &profile.merge_count,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn put_identifier(
+        &mut self,
+        environment_id: EnvironmentId,
+        kind: IdentifierKind,
+        value: &str,
+        profile_id: &str,
+    ) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO identifiers (environment_id, kind, value, profile_id) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (environment_id, kind, value) DO UPDATE SET profile_id = excluded.profile_id",
+            &[&environment_id, &kind.as_str(), &value, &profile_id],
+        )?;
+        Ok(())
+    }
+
+    fn delete_identifier(
+        &mut self,
+        environment_id: EnvironmentId,
+        kind: IdentifierKind,
+        value: &str,
+    ) -> StoreResult<()> {
+        self.execute(
+            "DELETE FROM identifiers WHERE environment_id = $1 AND kind = $2 AND value = $3",
+            &[&environment_id, &kind.as_str(), &value],
+        )?;
+        Ok(())
+    }
+
+    fn move_identifiers(&mut self, environment_id: EnvironmentId, from: &str, to: &str) -> StoreResult<()> {
+        self.execute(
+            "UPDATE identifiers SET profile_id = $3 WHERE environment_id = $1 AND profile_id = $2",
+            &[&environment_id, &from, &to],
+        )?;
+        Ok(())
+    }
+
+    fn retire_profile(&mut self, environment_id: EnvironmentId, from: &str, to: &str) -> StoreResult<()> {
+        self.execute("DELETE FROM profiles WHERE environment_id = $1 AND profile_id = $2", &[&environment_id, &from])?;
+        self.execute(
+            "UPDATE profile_forwards SET profile_id = $3 WHERE environment_id = $1 AND profile_id = $2",
+            &[&environment_id, &from, &to],
+        )?;
+        self.execute(
+            "INSERT INTO profile_forwards (old_profile_id, environment_id, profile_id) VALUES ($1, $2, $3) \
+             ON CONFLICT (old_profile_id) DO UPDATE SET profile_id = excluded.profile_id",
+            &[&from, &environment_id, &to],
+        )?;
+        Ok(())
+    }
+
+    fn move_activity(&mut self, environment_id: EnvironmentId, from: &str, to: &str) -> StoreResult<()> {
+        const MOVES: [&str; 4] = [
+            "UPDATE events SET profile_id = $3 WHERE environment_id = $1 AND profile_id = $2",
+            "UPDATE trait_history SET profile_id = $3 WHERE environment_id = $1 AND profile_id = $2",
+            "UPDATE devices SET profile_id = $3 WHERE environment_id = $1 AND profile_id = $2",
+            "UPDATE segment_memberships SET profile_id = $3 WHERE environment_id = $1 AND profile_id = $2",
+        ];
+        for sql in MOVES {
+            self.execute(sql, &[&environment_id, &from, &to])?;
+        }
+        // The survivor's own overrides win over the absorbed profile's.
+        self.execute(
+            "INSERT INTO identity_overrides (environment_id, profile_id, feature_id, enabled, value, updated_at) \
+             SELECT environment_id, $3, feature_id, enabled, value, updated_at FROM identity_overrides \
+             WHERE environment_id = $1 AND profile_id = $2 ON CONFLICT DO NOTHING",
+            &[&environment_id, &from, &to],
+        )?;
+        self.execute(
+            "DELETE FROM identity_overrides WHERE environment_id = $1 AND profile_id = $2",
+            &[&environment_id, &from],
+        )?;
+        Ok(())
+    }
+
+    fn set_events_distinct_id(
+        &mut self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        distinct_id: &str,
+    ) -> StoreResult<()> {
+        self.execute(
+            "UPDATE events SET distinct_id = $3 WHERE environment_id = $1 AND profile_id = $2 \
+             AND distinct_id IS DISTINCT FROM $3",
+            &[&environment_id, &profile_id, &distinct_id],
+        )?;
+        Ok(())
+    }
+
+    fn insert_event(&mut self, environment_id: EnvironmentId, event: &EventWrite<'_>) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO events (environment_id, event_id, profile_id, distinct_id, anonymous_id, event, \
+             properties, timestamp, received_at, identity_traits, message_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9, $10::text::jsonb, $11)",
+            &[
+                &environment_id,
+                &event.event_id,
+                &event.profile_id,
+                &event.distinct_id,
+                &event.anonymous_id,
+                &event.command.event,
+                &event.command.properties_json,
+                &event.command.timestamp.as_micros(),
+                &event.received_at.as_micros(),
+                &event.identity_traits_json,
+                &event.command.message_id,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn record_trait_changes(
+        &mut self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        changes_json: &str,
+        recorded_at: Timestamp,
+    ) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO trait_history (environment_id, profile_id, changes, recorded_at) \
+             VALUES ($1, $2, $3::text::jsonb, $4)",
+            &[&environment_id, &profile_id, &changes_json, &recorded_at.as_micros()],
+        )?;
+        Ok(())
+    }
+
+    fn find_message(&mut self, environment_id: EnvironmentId, message_id: &str) -> StoreResult<Option<SeenMessage>> {
+        Ok(self
+            .query_opt(
+                "SELECT received_at, profile_id, event_id FROM message_ids WHERE environment_id = $1 AND message_id = $2",
+                &[&environment_id, &message_id],
+            )?
+            .map(|row| SeenMessage {
+                received_at: Timestamp::from_micros(row.get(0)),
+                profile_id: row.get(1),
+                event_id: row.get(2),
+            }))
+    }
+
+    fn put_message(&mut self, environment_id: EnvironmentId, message_id: &str, seen: &SeenMessage) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO message_ids (environment_id, message_id, received_at, profile_id, event_id) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (environment_id, message_id) DO UPDATE SET \
+             received_at = excluded.received_at, profile_id = excluded.profile_id, event_id = excluded.event_id",
+            &[&environment_id, &message_id, &seen.received_at.as_micros(), &seen.profile_id, &seen.event_id],
+        )?;
+        Ok(())
+    }
+
+    fn new_id(&mut self) -> String {
+        uuid::Uuid::now_v7().to_string()
+    }
+
+    fn identifiers_of(
+        &mut self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+    ) -> StoreResult<Vec<(IdentifierKind, String)>> {
+        let rows = self.query(
+            "SELECT kind, value FROM identifiers WHERE environment_id = $1 AND profile_id = $2 ORDER BY kind, value",
+            &[&environment_id, &profile_id],
+        )?;
+        rows.iter().map(|row| Ok((identifier_kind(row.get(0))?, row.get(1)))).collect()
+    }
+
+    fn is_suppressed(&mut self, environment_id: EnvironmentId, user_id: &str) -> StoreResult<bool> {
+        Ok(self
+            .query_opt(
+                "SELECT 1 FROM suppressions WHERE environment_id = $1 AND user_id = $2",
+                &[&environment_id, &user_id],
+            )?
+            .is_some())
+    }
+
+    fn set_suppressed(
+        &mut self,
+        environment_id: EnvironmentId,
+        user_id: &str,
+        suppressed: bool,
+        at: Timestamp,
+    ) -> StoreResult<()> {
+        if suppressed {
+            self.execute(
+                "INSERT INTO suppressions (environment_id, user_id, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (environment_id, user_id) DO NOTHING",
+                &[&environment_id, &user_id, &at.as_micros()],
+            )?;
+        } else {
+            self.execute(
+                "DELETE FROM suppressions WHERE environment_id = $1 AND user_id = $2",
+                &[&environment_id, &user_id],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn upsert_device(
+        &mut self,
+        environment_id: EnvironmentId,
+        profile_id: &str,
+        device: &DeviceUpdate,
+        at: Timestamp,
+    ) -> StoreResult<()> {
+        let existing = self.query_opt(
+            "SELECT profile_id, attributes::text, created_at FROM devices WHERE environment_id = $1 AND token = $2",
+            &[&environment_id, &device.token],
+        )?;
+        // A token changing hands starts afresh: what the previous owner's app recorded is theirs.
+        let changes_hands = existing.as_ref().is_some_and(|row| row.get::<_, &str>(0) != profile_id);
+        let (mut attributes, created_at) = match &existing {
+            Some(row) if !changes_hands => (parse_object(row.get(1), &device.token)?, row.get::<_, i64>(2)),
+            _ => (Map::new(), at.as_micros()),
+        };
+        for (key, value) in &device.attributes {
+            if value.is_null() {
+                attributes.remove(key);
+            } else {
+                attributes.insert(key.clone(), value.clone());
+            }
+        }
+        let attributes = Value::Object(attributes).to_string();
+        let last_used = device.mark_used.then_some(at.as_micros());
+        self.execute(
+            "INSERT INTO devices (environment_id, token, profile_id, platform, attributes, last_used, last_status, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7, $8, $9) \
+             ON CONFLICT (environment_id, token) DO UPDATE SET profile_id = excluded.profile_id, \
+             platform = COALESCE(excluded.platform, devices.platform), attributes = excluded.attributes, \
+             last_used = COALESCE(excluded.last_used, devices.last_used), \
+             last_status = CASE WHEN $10 THEN excluded.last_status \
+                 ELSE COALESCE(excluded.last_status, devices.last_status) END, \
+             created_at = excluded.created_at, updated_at = excluded.updated_at",
+            &[
+                &environment_id,
+                &device.token,
+                &profile_id,
+                &device.platform,
+                &attributes,
+                &last_used,
+                &device.last_status,
+                &created_at,
+                &at.as_micros(),
+                &changes_hands,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn delete_device(&mut self, environment_id: EnvironmentId, profile_id: &str, token: &str) -> StoreResult<bool> {
+        let deleted = self.execute(
+            "DELETE FROM devices WHERE environment_id = $1 AND profile_id = $2 AND token = $3",
+            &[&environment_id, &profile_id, &token],
+        )?;
+        Ok(deleted > 0)
+    }
+
+    fn erase_profile(&mut self, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<()> {
+        const ERASURES: [&str; 8] = [
+            "DELETE FROM profiles WHERE environment_id = $1 AND profile_id = $2",
+            "DELETE FROM identifiers WHERE environment_id = $1 AND profile_id = $2",
+            "DELETE FROM devices WHERE environment_id = $1 AND profile_id = $2",
+            "DELETE FROM events WHERE environment_id = $1 AND profile_id = $2",
+            "DELETE FROM trait_history WHERE environment_id = $1 AND profile_id = $2",
+            "DELETE FROM profile_forwards WHERE environment_id = $1 AND profile_id = $2",
+            "DELETE FROM segment_memberships WHERE environment_id = $1 AND profile_id = $2",
+            "DELETE FROM identity_overrides WHERE environment_id = $1 AND profile_id = $2",
+        ];
+        for sql in ERASURES {
+            self.execute(sql, &[&environment_id, &profile_id])?;
+        }
+        Ok(())
+    }
+
+    fn open_memberships(&mut self, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<Vec<i64>> {
+        Ok(self
+            .query(
+                "SELECT segment_id FROM segment_memberships WHERE environment_id = $1 AND profile_id = $2 \
+                 AND exited_at IS NULL",
+                &[&environment_id, &profile_id],
+            )?
+            .iter()
+            .map(|row| row.get(0))
+            .collect())
+    }
+
+    fn enter_segment(
+        &mut self,
+        environment_id: EnvironmentId,
+        segment_id: i64,
+        profile_id: &str,
+        at: Timestamp,
+    ) -> StoreResult<()> {
+        self.execute(
+            "INSERT INTO segment_memberships (environment_id, segment_id, profile_id, entered_at) VALUES ($1, $2, $3, $4)",
+            &[&environment_id, &segment_id, &profile_id, &at.as_micros()],
+        )?;
+        Ok(())
+    }
+
+    fn exit_segment(
+        &mut self,
+        environment_id: EnvironmentId,
+        segment_id: i64,
+        profile_id: &str,
+        at: Timestamp,
+    ) -> StoreResult<()> {
+        self.execute(
+            "UPDATE segment_memberships SET exited_at = $4 WHERE environment_id = $1 AND segment_id = $2 \
+             AND profile_id = $3 AND exited_at IS NULL",
+            &[&environment_id, &segment_id, &profile_id, &at.as_micros()],
+        )?;
+        Ok(())
+    }
+
+    fn profile_ids_after(
+        &mut self,
+        environment_id: EnvironmentId,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<String>> {
+        Ok(self
+            .query(
+                "SELECT profile_id FROM profiles WHERE environment_id = $1 AND profile_id > $2 ORDER BY profile_id LIMIT $3",
+                &[&environment_id, &after.unwrap_or(""), &i64::try_from(limit).unwrap_or(i64::MAX)],
+            )?
+            .iter()
+            .map(|row| row.get(0))
+            .collect())
+    }
+}
