@@ -104,7 +104,7 @@ fn identity_traits(index: usize) -> Map<String, Value> {
         "seats": index % 50,
         "age": 18 + index % 60,
         "company": COMPANIES[index % 3],
-        "beta": index % 4 == 0,
+        "beta": index.is_multiple_of(4),
     });
     traits.as_object().cloned().unwrap_or_default()
 }

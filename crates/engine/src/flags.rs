@@ -157,6 +157,28 @@ impl Engine {
         Ok(refreshed)
     }
 
+    /// Every `every`, for as long as the engine lives, reloads environments and keys and
+    /// recompiles flags changed elsewhere: how nodes sharing one database pick up configuration
+    /// changed through the others (within `every` plus one round trip).
+    pub fn spawn_shared_state_refresh(self: &Arc<Self>, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+        let engine = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                ticks.tick().await;
+                let Some(engine) = engine.upgrade() else { return };
+                if let Err(error) = engine.reload_keys().await {
+                    tracing::warn!(%error, "reloading environments and keys failed");
+                }
+                match engine.refresh_stale_flags().await {
+                    Ok(0) => {}
+                    Ok(refreshed) => tracing::info!(refreshed, "recompiled flags changed by another node"),
+                    Err(error) => tracing::warn!(%error, "checking for flag changes failed"),
+                }
+            }
+        })
+    }
+
     /// The write policy of an environment: limits, dedup window, and its segments for
     /// membership tracking.
     pub(crate) async fn write_policy(&self, environment_id: EnvironmentId) -> EngineResult<WritePolicy> {

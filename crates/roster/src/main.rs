@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use roster_engine::{BootstrapCredentials, Engine, EngineConfig, QueryOutput};
 use roster_server::ServerConfig;
-use roster_store::SqliteStore;
+use roster_store::{PostgresOptions, PostgresStore, SqliteStore, Store};
 use tokio::net::TcpListener;
 
 #[derive(Debug, Parser)]
@@ -66,6 +66,40 @@ struct StoreArgs {
     /// Where the embedded store keeps its files.
     #[arg(long, env = "ROSTER_DATA_DIR", default_value = "./roster-data")]
     data_dir: PathBuf,
+    /// `postgres://user@host:port/database` to keep everything in PostgreSQL instead of the
+    /// embedded store (several nodes may share one database).
+    #[arg(long, env = "ROSTER_STORE")]
+    store: Option<String>,
+    /// The PostgreSQL schema Roster's tables live in (created if missing).
+    #[arg(long, env = "ROSTER_POSTGRES_SCHEMA", default_value = "public")]
+    postgres_schema: String,
+    /// Connections this node opens to PostgreSQL.
+    #[arg(long, env = "ROSTER_POSTGRES_MAX_CONNECTIONS", default_value_t = 16)]
+    postgres_max_connections: usize,
+}
+
+impl StoreArgs {
+    /// Where the data is, for messages (never the password).
+    fn describe(&self) -> String {
+        match &self.store {
+            Some(url) => format!("the PostgreSQL database {}", redact_password(url)),
+            None => self.data_dir.display().to_string(),
+        }
+    }
+}
+
+/// A connection URL with its password hidden.
+fn redact_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -184,9 +218,27 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn open_engine(store: &StoreArgs, config: EngineConfig) -> anyhow::Result<Arc<Engine>> {
-    let store = SqliteStore::open(&store.data_dir)
-        .with_context(|| format!("cannot open the embedded store in {}", store.data_dir.display()))?;
-    let engine = Engine::new(Arc::new(store), config).await.context("cannot load environments")?;
+    let opened: Arc<dyn Store> = match &store.store {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            let options = PostgresOptions {
+                url: url.clone(),
+                schema: Some(store.postgres_schema.clone()),
+                max_connections: store.postgres_max_connections,
+            };
+            Arc::new(
+                PostgresStore::connect(options).await.with_context(|| format!("cannot open {}", store.describe()))?,
+            )
+        }
+        Some(other) => anyhow::bail!(
+            "--store must be a postgres:// URL (leave it out for the embedded store), not `{}`",
+            redact_password(other)
+        ),
+        None => Arc::new(
+            SqliteStore::open(&store.data_dir)
+                .with_context(|| format!("cannot open the embedded store in {}", store.data_dir.display()))?,
+        ),
+    };
+    let engine = Engine::new(opened, config).await.context("cannot load environments")?;
     Ok(Arc::new(engine))
 }
 
@@ -195,7 +247,7 @@ async fn init(args: InitArgs) -> anyhow::Result<()> {
     let Some(credentials) = engine.bootstrap_if_empty().await? else {
         anyhow::bail!(
             "{} is already initialised; its keys were printed when it was created (rotate them with the admin API)",
-            args.store.data_dir.display()
+            args.store.describe()
         );
     };
     if args.json {
@@ -212,6 +264,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         print_credentials(&credentials);
     }
     let _maintenance = engine.spawn_maintenance(MAINTENANCE_INTERVAL);
+    // Nodes sharing a database see keys and flags changed through the others within this bound.
+    let _shared_state_refresh =
+        args.store.store.is_some().then(|| engine.spawn_shared_state_refresh(SHARED_STATE_REFRESH_INTERVAL));
     let listener =
         TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
@@ -225,6 +280,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// How often expired message ids and trait history are purged.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(600);
+
+/// How often a node sharing its database checks for keys and flags changed elsewhere.
+const SHARED_STATE_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
 async fn query(args: QueryArgs) -> anyhow::Result<()> {
     let output = match &args.url {
@@ -250,9 +308,9 @@ async fn query(args: QueryArgs) -> anyhow::Result<()> {
         }
         None => {
             let engine = open_engine(&args.store, EngineConfig::default()).await?;
-            let principal = engine.local_principal(&args.environment).with_context(|| {
-                format!("no environment `{}` in {}", args.environment, args.store.data_dir.display())
-            })?;
+            let principal = engine
+                .local_principal(&args.environment)
+                .with_context(|| format!("no environment `{}` in {}", args.environment, args.store.describe()))?;
             engine.query(&principal, &args.sql).await.map_err(|error| anyhow::anyhow!("{error}"))?
         }
     };

@@ -12,5 +12,6 @@ mod flags;
 mod flags_differential;
 mod graph;
 mod identify;
+mod multinode;
 mod profiles;
 mod query;
