@@ -98,7 +98,7 @@ async fn two_nodes_on_one_database_lose_nothing_when_one_is_killed() {
         let (http, urls, client_key, server_key) = (http.clone(), urls.clone(), client_key.clone(), server_key.clone());
         let (writes, events, first_killed) = (Arc::clone(&writes), Arc::clone(&events), Arc::clone(&first_killed));
         clients.push(tokio::spawn(async move {
-            let mut random = Random(0x9E37_79B9_7F4A_7C15 ^ (client + 1) * 0x1234_5678);
+            let mut random = Random(0x9E37_79B9_7F4A_7C15 ^ ((client + 1) * 0x1234_5678));
             let mut sequence = 0u64;
             while started.elapsed() < run_for {
                 sequence += 1;
@@ -271,4 +271,80 @@ async fn sql(http: &reqwest::Client, base_url: &str, key: &str, statement: &str)
         .expect("query");
     assert_eq!(response.status(), 200, "{statement}");
     response.json().await.unwrap()
+}
+
+/// Flags and environments changed through one node are seen by the other within the refresh
+/// bound (one second, plus a round trip).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_changed_on_one_node_reaches_the_other_within_the_bound() {
+    let Ok(url) = std::env::var("ROSTER_TEST_DATABASE_URL") else {
+        skipped(
+            "configuration_changed_on_one_node_reaches_the_other_within_the_bound",
+            "set ROSTER_TEST_DATABASE_URL (.ci/run does)",
+        );
+        return;
+    };
+    let schema = format!("roster_it_{}", uuid_like());
+    let output = Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["init", "--json", "--store", &url, "--postgres-schema", &schema])
+        .output()
+        .expect("run roster init");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let credentials: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let client_key = credentials["environments"][0]["client_key"].as_str().unwrap().to_owned();
+    let server_key = credentials["environments"][0]["server_key"].as_str().unwrap().to_owned();
+    let admin_token = credentials["admin_token"].as_str().unwrap().to_owned();
+    let (writer, reader) = (start_node(&url, &schema), start_node(&url, &schema));
+    let http = reqwest::Client::new();
+
+    // Both nodes have compiled the (empty) flags before the change.
+    let (status, _) = get(&http, &format!("{}/v1/flags", reader.base_url), &client_key).await;
+    assert_eq!(status, 200);
+    let created = http
+        .post(format!("{}/v1/features", writer.base_url))
+        .header("X-API-Key", &server_key)
+        .json(&json!({ "name": "rollout", "enabled": true, "value": "on" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let changed_at = Instant::now();
+    loop {
+        let (_, flags) = get(&http, &format!("{}/v1/flags", reader.base_url), &client_key).await;
+        if flags["flags"].as_array().is_some_and(|flags| flags.iter().any(|flag| flag["feature"] == "rollout")) {
+            break;
+        }
+        assert!(changed_at.elapsed() < Duration::from_secs(3), "the other node never saw the new feature");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A new environment's keys work on the other node too.
+    let environment: Value = http
+        .post(format!("{}/v1/admin/environments", writer.base_url))
+        .header("X-API-Key", &admin_token)
+        .json(&json!({ "slug": "staging" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let staging_key = environment["client_key"].as_str().unwrap().to_owned();
+    let changed_at = Instant::now();
+    loop {
+        let (status, _) = get(&http, &format!("{}/v1/flags", reader.base_url), &staging_key).await;
+        if status == 200 {
+            break;
+        }
+        assert!(changed_at.elapsed() < Duration::from_secs(3), "the other node never accepted the new key");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop((writer, reader));
+    let _ = std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        client
+            .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE; DROP SCHEMA \"{schema}_views\" CASCADE"))
+            .unwrap();
+    })
+    .join();
 }
