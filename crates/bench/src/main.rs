@@ -11,6 +11,7 @@
 //! them with the targets in DESIGN.md; it fails only if something errors.
 
 mod flags;
+mod postgres;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -40,6 +41,8 @@ enum Bench {
     Query(QueryOptions),
     /// Flag evaluation: Roster's compiled evaluator vs Flagsmith's reference engine.
     Flags(flags::FlagsOptions),
+    /// Identify ingest on PostgreSQL: one node, two nodes, and bare upserts on the same database.
+    Postgres(postgres::PostgresBenchOptions),
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,7 +58,7 @@ struct QueryOptions {
     lookups: usize,
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 struct Options {
     /// Identifies sent in the batched-ingest phase (and upserted by the bare SQLite baseline).
     #[arg(long, default_value_t = 200_000)]
@@ -79,8 +82,17 @@ struct Options {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Server-side errors during a run are worth seeing (`ROSTER_LOG=debug` for more).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ROSTER_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
     if let Some(Bench::Flags(options)) = &cli.bench {
         return flags::flags_bench(options);
+    }
+    if let Some(Bench::Postgres(options)) = &cli.bench {
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        return runtime.block_on(postgres::postgres_bench(options));
     }
     if let Some(Bench::Query(options)) = &cli.bench {
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -248,16 +260,17 @@ async fn roster_phases(options: &Options) -> anyhow::Result<(Figures, Figures, F
     tokio::spawn(roster_server::serve(listener, engine, ServerConfig::default(), std::future::pending()));
     let http = reqwest::Client::builder().pool_max_idle_per_host(1024).build()?;
 
+    let base_urls = [base_url.clone()];
     let batched = batched_phase(
         options,
         &http,
-        &base_url,
+        &base_urls,
         &client_key,
         "/identify",
         |index, user| json!({ "distinct_id": user, "traits": traits_of(index) }),
     )
     .await?;
-    let tracked = batched_phase(options, &http, &base_url, &client_key, "/track", |index, user| {
+    let tracked = batched_phase(options, &http, &base_urls, &client_key, "/track", |index, user| {
         json!({ "event": "Page Viewed", "distinct_id": user, "properties": { "path": format!("/page/{}", index % 100), "n": index } })
     })
     .await?;
@@ -265,10 +278,12 @@ async fn roster_phases(options: &Options) -> anyhow::Result<(Figures, Figures, F
     Ok((batched, tracked, single))
 }
 
+/// Posts pre-built batches from `options.clients` clients; client `n` talks to
+/// `base_urls[n % len]` (several URLs: several nodes).
 async fn batched_phase(
     options: &Options,
     http: &reqwest::Client,
-    base_url: &str,
+    base_urls: &[String],
     client_key: &str,
     path: &str,
     item: impl Fn(usize, String) -> serde_json::Value,
@@ -285,12 +300,12 @@ async fn batched_phase(
         .collect();
     let bodies = Arc::new(bodies);
     let next = Arc::new(AtomicUsize::new(0));
-    let url = format!("{base_url}{path}");
     let started = Instant::now();
     let mut clients = Vec::new();
-    for _ in 0..options.clients {
-        let (bodies, next, http, url, client_key) =
-            (Arc::clone(&bodies), Arc::clone(&next), http.clone(), url.clone(), client_key.to_owned());
+    for client in 0..options.clients {
+        let url = format!("{}{path}", base_urls[client % base_urls.len()]);
+        let (bodies, next, http, client_key) =
+            (Arc::clone(&bodies), Arc::clone(&next), http.clone(), client_key.to_owned());
         clients.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             loop {

@@ -660,10 +660,11 @@ pub fn refresh_membership(
     at: Timestamp,
 ) -> Result<(), StoreError> {
     let Some(evaluator) = policy.segments.as_deref() else { return Ok(()) };
-    let open = tx.open_memberships(environment_id, &profile.profile_id)?;
-    if evaluator.segment_count() == 0 && open.is_empty() {
+    // Deleting a segment deletes its memberships, so with no segments there is nothing to close.
+    if evaluator.segment_count() == 0 {
         return Ok(());
     }
+    let open = tx.open_memberships(environment_id, &profile.profile_id)?;
     let traits = profile.traits.live_values();
     let identity = Identity {
         identifier: membership_identifier(profile),

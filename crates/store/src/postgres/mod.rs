@@ -310,15 +310,16 @@ impl PostgresStore {
         Ok(PostgresStore { pool, workers })
     }
 
-    async fn run<T, F>(&self, mode: Mode, mut work: F) -> StoreResult<T>
+    /// Runs `work` on one of the connection threads.
+    async fn on_connection<T, F>(&self, work: F) -> StoreResult<T>
     where
         T: Send + 'static,
-        F: FnMut(&mut PgTx<'_>) -> StoreResult<T> + Send + 'static,
+        F: FnOnce(&mut PgConnection) -> StoreResult<T> + Send + 'static,
     {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |connection| {
             let result = match connection.as_mut() {
-                Some(connection) => run_on(connection, mode, &mut work),
+                Some(connection) => work(connection),
                 None => Err(StoreError::Database("no connection to postgres".into())),
             };
             let _ = reply.send(result);
@@ -327,12 +328,35 @@ impl PostgresStore {
         answer.await.map_err(|_| StoreError::Database("a postgres thread stopped".into()))?
     }
 
+    async fn run<T, F>(&self, mode: Mode, mut work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut PgTx<'_>) -> StoreResult<T> + Send + 'static,
+    {
+        self.on_connection(move |connection| run_on(connection, mode, &mut work)).await
+    }
+
     async fn write<T, F>(&self, work: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnMut(&mut PgTx<'_>) -> StoreResult<T> + Send + 'static,
     {
         self.run(Mode::Write, work).await
+    }
+
+    /// A write transaction holding the environment's write lock: writers of one environment
+    /// take turns (across all nodes), so they never conflict with each other; SERIALIZABLE and
+    /// the retries remain as the safety net for anything else.
+    async fn write_in<T, F>(&self, environment_id: EnvironmentId, mut work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut PgTx<'_>) -> StoreResult<T> + Send + 'static,
+    {
+        self.write(move |tx| {
+            tx.lock_environment(environment_id)?;
+            work(tx)
+        })
+        .await
     }
 
     async fn read<T, F>(&self, work: F) -> StoreResult<T>
@@ -528,7 +552,7 @@ impl Store for PostgresStore {
         commands: Vec<IdentifyCommand>,
         policy: WritePolicy,
     ) -> StoreResult<Vec<ItemResult>> {
-        self.write(move |tx| {
+        self.write_in(environment_id, move |tx| {
             let received_at = now();
             commands.iter().map(|command| apply_identify(tx, environment_id, command, &policy, received_at)).collect()
         })
@@ -541,7 +565,7 @@ impl Store for PostgresStore {
         commands: Vec<TrackCommand>,
         policy: WritePolicy,
     ) -> StoreResult<Vec<TrackResult>> {
-        self.write(move |tx| {
+        self.write_in(environment_id, move |tx| {
             let received_at = now();
             commands.iter().map(|command| apply_track(tx, environment_id, command, &policy, received_at)).collect()
         })
@@ -611,7 +635,8 @@ impl Store for PostgresStore {
         secondary: ProfileSelector,
         policy: WritePolicy,
     ) -> StoreResult<Result<MergeOutcome, FieldError>> {
-        self.write(move |tx| apply_merge(tx, environment_id, &primary, &secondary, &policy, now())).await
+        self.write_in(environment_id, move |tx| apply_merge(tx, environment_id, &primary, &secondary, &policy, now()))
+            .await
     }
 
     async fn change_identifiers(
@@ -623,7 +648,7 @@ impl Store for PostgresStore {
         policy: WritePolicy,
     ) -> StoreResult<Result<String, FieldError>> {
         let profile_id = profile_id.to_owned();
-        self.write(move |tx| {
+        self.write_in(environment_id, move |tx| {
             apply_identifier_change(
                 tx,
                 environment_id,
@@ -642,12 +667,12 @@ impl Store for PostgresStore {
         environment_id: EnvironmentId,
         selector: ProfileSelector,
     ) -> StoreResult<Option<String>> {
-        self.write(move |tx| apply_erase(tx, environment_id, &selector)).await
+        self.write_in(environment_id, move |tx| apply_erase(tx, environment_id, &selector)).await
     }
 
     async fn set_suppressed(&self, environment_id: EnvironmentId, user_id: &str, suppressed: bool) -> StoreResult<()> {
         let user_id = user_id.to_owned();
-        self.write(move |tx| tx.set_suppressed(environment_id, &user_id, suppressed, now())).await
+        self.write_in(environment_id, move |tx| tx.set_suppressed(environment_id, &user_id, suppressed, now())).await
     }
 
     async fn upsert_device(
@@ -657,12 +682,13 @@ impl Store for PostgresStore {
         device: DeviceUpdate,
     ) -> StoreResult<bool> {
         let profile_id = profile_id.to_owned();
-        self.write(move |tx| apply_device_upsert(tx, environment_id, &profile_id, &device, now())).await
+        self.write_in(environment_id, move |tx| apply_device_upsert(tx, environment_id, &profile_id, &device, now()))
+            .await
     }
 
     async fn delete_device(&self, environment_id: EnvironmentId, profile_id: &str, token: &str) -> StoreResult<bool> {
         let (profile_id, token) = (profile_id.to_owned(), token.to_owned());
-        self.write(move |tx| apply_device_delete(tx, environment_id, &profile_id, &token)).await
+        self.write_in(environment_id, move |tx| apply_device_delete(tx, environment_id, &profile_id, &token)).await
     }
 
     async fn purge_expired(&self, messages_before: Timestamp, history_before: Option<Timestamp>) -> StoreResult<usize> {
@@ -704,7 +730,8 @@ impl Store for PostgresStore {
         segment_id: Option<i64>,
         definition: SegmentDefinition,
     ) -> StoreResult<Result<i64, FieldError>> {
-        self.write(move |tx| flags::save_segment(tx, environment_id, segment_id, &definition, now())).await
+        self.write_in(environment_id, move |tx| flags::save_segment(tx, environment_id, segment_id, &definition, now()))
+            .await
     }
 
     async fn delete_segment(
@@ -712,7 +739,7 @@ impl Store for PostgresStore {
         environment_id: EnvironmentId,
         segment_id: i64,
     ) -> StoreResult<Result<bool, FieldError>> {
-        self.write(move |tx| flags::delete_segment(tx, environment_id, segment_id)).await
+        self.write_in(environment_id, move |tx| flags::delete_segment(tx, environment_id, segment_id)).await
     }
 
     async fn save_feature(
@@ -721,11 +748,12 @@ impl Store for PostgresStore {
         feature_id: Option<i64>,
         definition: FeatureDefinition,
     ) -> StoreResult<Result<i64, FieldError>> {
-        self.write(move |tx| flags::save_feature(tx, environment_id, feature_id, &definition, now())).await
+        self.write_in(environment_id, move |tx| flags::save_feature(tx, environment_id, feature_id, &definition, now()))
+            .await
     }
 
     async fn delete_feature(&self, environment_id: EnvironmentId, feature_id: i64) -> StoreResult<bool> {
-        self.write(move |tx| flags::delete_feature(tx, environment_id, feature_id)).await
+        self.write_in(environment_id, move |tx| flags::delete_feature(tx, environment_id, feature_id)).await
     }
 
     async fn put_identity_override(
@@ -736,7 +764,7 @@ impl Store for PostgresStore {
         state: IdentityOverride,
     ) -> StoreResult<Result<String, FieldError>> {
         let profile_id = profile_id.to_owned();
-        self.write(move |tx| {
+        self.write_in(environment_id, move |tx| {
             let selector = ProfileSelector::ProfileId(profile_id.clone());
             let Some(profile) = resolve(tx, environment_id, &selector)? else {
                 return Ok(Err(FieldError::new(ErrorCode::NotFound, "profile_id", "no such profile")));
@@ -754,7 +782,7 @@ impl Store for PostgresStore {
         feature_id: i64,
     ) -> StoreResult<bool> {
         let profile_id = profile_id.to_owned();
-        self.write(move |tx| {
+        self.write_in(environment_id, move |tx| {
             let selector = ProfileSelector::ProfileId(profile_id.clone());
             let Some(profile) = resolve(tx, environment_id, &selector)? else { return Ok(false) };
             flags::delete_identity_override(tx, environment_id, &profile.profile_id, feature_id)
@@ -769,8 +797,10 @@ impl Store for PostgresStore {
         after: Option<String>,
         limit: usize,
     ) -> StoreResult<(usize, Option<String>)> {
-        self.write(move |tx| apply_membership_refresh(tx, environment_id, &policy, after.as_deref(), limit, now()))
-            .await
+        self.write_in(environment_id, move |tx| {
+            apply_membership_refresh(tx, environment_id, &policy, after.as_deref(), limit, now())
+        })
+        .await
     }
 
     async fn segment_members(

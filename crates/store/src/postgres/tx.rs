@@ -64,6 +64,15 @@ impl<'c> PgTx<'c> {
         self.transaction()
     }
 
+    /// Waits for the environment's write lock, held until the transaction ends.
+    pub(super) fn lock_environment(&mut self, environment_id: EnvironmentId) -> StoreResult<()> {
+        /// First key of Roster's advisory locks ("Rost"); the second is the environment.
+        const LOCK_CLASS: i32 = 0x526f_7374;
+        let environment_key = environment_id as i32;
+        self.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_CLASS, &environment_key])?;
+        Ok(())
+    }
+
     pub(super) fn commit(&mut self) -> StoreResult<()> {
         match self.transaction.take() {
             Some(transaction) => Ok(transaction.commit()?),
