@@ -148,6 +148,7 @@ impl TrackCommand {
         let event = event.filter(|name| !name.trim().is_empty()).ok_or_else(|| {
             FieldError::new(ErrorCode::MissingEventName, "event", "a track needs a non-empty `event` name")
         })?;
+        crate::limits::reject_nul(&event, "event")?;
         if event.len() > limits.max_key_bytes {
             return Err(FieldError::new(
                 ErrorCode::InvalidType,

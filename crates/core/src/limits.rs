@@ -61,6 +61,7 @@ impl Limits {
         if value.trim().is_empty() {
             return Err(FieldError::new(ErrorCode::InvalidIdentifier, path, "must be a non-empty string"));
         }
+        reject_nul(value, path)?;
         if value.len() > self.max_identifier_bytes {
             return Err(FieldError::new(
                 ErrorCode::InvalidIdentifier,
@@ -120,6 +121,7 @@ impl Limits {
         if key.is_empty() {
             return Err(FieldError::new(ErrorCode::TraitKeyEmpty, path, "trait keys must not be empty"));
         }
+        reject_nul(key, path)?;
         if key.len() > self.max_key_bytes {
             return Err(FieldError::new(
                 ErrorCode::TraitKeyTooLong,
@@ -138,7 +140,7 @@ impl Limits {
                 path,
                 format!("string is {} bytes; the limit is {} bytes", text.len(), self.max_string_bytes),
             )),
-            Value::String(_) => Ok(()),
+            Value::String(text) => reject_nul(text, path),
             Value::Array(items) => {
                 self.check_depth(path, depth + 1)?;
                 for (index, item) in items.iter().enumerate() {
@@ -168,6 +170,15 @@ impl Limits {
         }
         Ok(())
     }
+}
+
+/// Refuses text holding U+0000: no SQL text type stores it (PostgreSQL refuses it outright), so
+/// it is refused for every backend alike.
+pub fn reject_nul(text: &str, path: &str) -> Result<(), FieldError> {
+    if text.contains('\0') {
+        return Err(FieldError::new(ErrorCode::NulCharacter, path, "must not contain the NUL character (U+0000)"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -57,6 +57,11 @@ impl From<StoreError> for EngineError {
             StoreError::QueryRefused(message) => EngineError::QueryRefused(message),
             StoreError::QueryFailed(message) => EngineError::QueryFailed(message),
             timeout @ StoreError::QueryTimeout(_) => EngineError::QueryTimeout(timeout.to_string()),
+            StoreError::InvalidInput(message) => EngineError::Invalid(FieldError::new(
+                ErrorCode::InvalidType,
+                "",
+                format!("cannot be stored: {message}"),
+            )),
             other => EngineError::Store(other),
         }
     }

@@ -38,6 +38,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("the store is shutting down")]
     Closed,
+    /// The database cannot store a value the caller sent (e.g. text it cannot encode).
+    #[error("{0}")]
+    InvalidInput(String),
     /// A concurrent transaction conflicted with this one (it is retried before this surfaces).
     #[error("concurrent writes conflicted: {0}")]
     Contention(String),

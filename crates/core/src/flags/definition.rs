@@ -142,6 +142,7 @@ fn check_name(name: &str, path: &str, code: ErrorCode) -> Result<(), FieldError>
     if name.trim().is_empty() {
         return Err(FieldError::new(code, path, "must not be empty"));
     }
+    crate::limits::reject_nul(name, path)?;
     if name.chars().count() > MAX_NAME_CHARS {
         return Err(FieldError::new(code, path, format!("is longer than {MAX_NAME_CHARS} characters")));
     }

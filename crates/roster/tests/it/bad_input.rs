@@ -125,3 +125,20 @@ async fn unknown_routes_and_methods_answer_in_the_error_shape() {
     let (status, body) = server.get("/identify", &server.keys.server_key).await;
     assert_error(status, &body, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
 }
+
+#[tokio::test]
+async fn the_nul_character_is_refused_wherever_text_is_stored() {
+    let server = TestServer::start().await;
+    for (body, path) in [
+        (json!({ "distinct_id": "u", "traits": { "bio": "a\u{0}b" } }), "traits.bio"),
+        (json!({ "distinct_id": "u", "traits": { "a\u{0}": 1 } }), "traits.a\u{0}"),
+        (json!({ "distinct_id": "u\u{0}" }), "distinct_id"),
+    ] {
+        let (status, response) = server.post("/identify", &server.keys.client_key, &body).await;
+        assert_error(status, &response, StatusCode::BAD_REQUEST, "nul_character");
+        assert_eq!(response["path"], path);
+    }
+    let (status, response) =
+        server.post("/track", &server.keys.client_key, &json!({ "distinct_id": "u", "event": "E\u{0}" })).await;
+    assert_error(status, &response, StatusCode::BAD_REQUEST, "nul_character");
+}

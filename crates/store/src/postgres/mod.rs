@@ -288,7 +288,16 @@ impl From<postgres::Error> for StoreError {
             Some(db_error) => format!("{}: {}", db_error.code().code(), db_error.message()),
             None => error.to_string(),
         };
-        if retryable { StoreError::Contention(message) } else { StoreError::Database(message) }
+        let unstorable = error.code().is_some_and(|code| {
+            *code == SqlState::CHARACTER_NOT_IN_REPERTOIRE || *code == SqlState::UNTRANSLATABLE_CHARACTER
+        });
+        if retryable {
+            StoreError::Contention(message)
+        } else if unstorable {
+            StoreError::InvalidInput(message)
+        } else {
+            StoreError::Database(message)
+        }
     }
 }
 
