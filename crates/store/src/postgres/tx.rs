@@ -18,11 +18,15 @@ type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 pub struct PgTx<'c> {
     transaction: Option<Transaction<'c>>,
     statements: &'c mut HashMap<&'static str, Statement>,
+    /// Environments seen to have no suppressed user ids in this transaction. It holds the
+    /// environment's write lock, under which suppressions change, so one look per transaction
+    /// spares a round trip per item.
+    unsuppressed_environments: Vec<EnvironmentId>,
 }
 
 impl<'c> PgTx<'c> {
     pub(super) fn new(transaction: Transaction<'c>, statements: &'c mut HashMap<&'static str, Statement>) -> Self {
-        PgTx { transaction: Some(transaction), statements }
+        PgTx { transaction: Some(transaction), statements, unsuppressed_environments: Vec::new() }
     }
 
     fn transaction(&mut self) -> StoreResult<&mut Transaction<'c>> {
@@ -380,6 +384,16 @@ impl IdentityTx for PgTx<'_> {
     }
 
     fn is_suppressed(&mut self, environment_id: EnvironmentId, user_id: &str) -> StoreResult<bool> {
+        if self.unsuppressed_environments.contains(&environment_id) {
+            return Ok(false);
+        }
+        let any = self
+            .query_opt("SELECT 1 FROM suppressions WHERE environment_id = $1 LIMIT 1", &[&environment_id])?
+            .is_some();
+        if !any {
+            self.unsuppressed_environments.push(environment_id);
+            return Ok(false);
+        }
         Ok(self
             .query_opt(
                 "SELECT 1 FROM suppressions WHERE environment_id = $1 AND user_id = $2",
@@ -395,6 +409,7 @@ impl IdentityTx for PgTx<'_> {
         suppressed: bool,
         at: Timestamp,
     ) -> StoreResult<()> {
+        self.unsuppressed_environments.retain(|known| *known != environment_id);
         if suppressed {
             self.execute(
                 "INSERT INTO suppressions (environment_id, user_id, created_at) VALUES ($1, $2, $3) \
