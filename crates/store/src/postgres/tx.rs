@@ -22,11 +22,45 @@ pub struct PgTx<'c> {
     /// environment's write lock, under which suppressions change, so one look per transaction
     /// spares a round trip per item.
     unsuppressed_environments: Vec<EnvironmentId>,
+    /// Rows only ever appended by the write path, sent in one statement each at commit (or
+    /// before anything that reads or changes those tables): one round trip per batch instead of
+    /// one per item.
+    pending_events: PendingEvents,
+    pending_history: PendingHistory,
+}
+
+#[derive(Default)]
+struct PendingEvents {
+    environment_ids: Vec<i64>,
+    event_ids: Vec<String>,
+    profile_ids: Vec<String>,
+    distinct_ids: Vec<Option<String>>,
+    anonymous_ids: Vec<Option<String>>,
+    events: Vec<String>,
+    properties: Vec<String>,
+    timestamps: Vec<i64>,
+    received_at: Vec<i64>,
+    identity_traits: Vec<String>,
+    message_ids: Vec<Option<String>>,
+}
+
+#[derive(Default)]
+struct PendingHistory {
+    environment_ids: Vec<i64>,
+    profile_ids: Vec<String>,
+    changes: Vec<String>,
+    recorded_at: Vec<i64>,
 }
 
 impl<'c> PgTx<'c> {
     pub(super) fn new(transaction: Transaction<'c>, statements: &'c mut HashMap<&'static str, Statement>) -> Self {
-        PgTx { transaction: Some(transaction), statements, unsuppressed_environments: Vec::new() }
+        PgTx {
+            transaction: Some(transaction),
+            statements,
+            unsuppressed_environments: Vec::new(),
+            pending_events: PendingEvents::default(),
+            pending_history: PendingHistory::default(),
+        }
     }
 
     fn transaction(&mut self) -> StoreResult<&mut Transaction<'c>> {
@@ -77,7 +111,45 @@ impl<'c> PgTx<'c> {
         Ok(())
     }
 
+    /// Writes the buffered appends.
+    fn flush(&mut self) -> StoreResult<()> {
+        if !self.pending_events.event_ids.is_empty() {
+            let pending = std::mem::take(&mut self.pending_events);
+            self.execute(
+                "INSERT INTO events (environment_id, event_id, profile_id, distinct_id, anonymous_id, event, \
+                 properties, timestamp, received_at, identity_traits, message_id) \
+                 SELECT e, i, p, d, a, n, pr::jsonb, t, r, it::jsonb, m FROM unnest($1::bigint[], $2::text[], \
+                 $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], \
+                 $10::text[], $11::text[]) AS x(e, i, p, d, a, n, pr, t, r, it, m)",
+                &[
+                    &pending.environment_ids,
+                    &pending.event_ids,
+                    &pending.profile_ids,
+                    &pending.distinct_ids,
+                    &pending.anonymous_ids,
+                    &pending.events,
+                    &pending.properties,
+                    &pending.timestamps,
+                    &pending.received_at,
+                    &pending.identity_traits,
+                    &pending.message_ids,
+                ],
+            )?;
+        }
+        if !self.pending_history.profile_ids.is_empty() {
+            let pending = std::mem::take(&mut self.pending_history);
+            self.execute(
+                "INSERT INTO trait_history (environment_id, profile_id, changes, recorded_at) \
+                 SELECT e, p, c::jsonb, r FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[]) \
+                 AS x(e, p, c, r)",
+                &[&pending.environment_ids, &pending.profile_ids, &pending.changes, &pending.recorded_at],
+            )?;
+        }
+        Ok(())
+    }
+
     pub(super) fn commit(&mut self) -> StoreResult<()> {
+        self.flush()?;
         match self.transaction.take() {
             Some(transaction) => Ok(transaction.commit()?),
             None => Ok(()),
@@ -270,6 +342,7 @@ impl IdentityTx for PgTx<'_> {
     }
 
     fn move_activity(&mut self, environment_id: EnvironmentId, from: &str, to: &str) -> StoreResult<()> {
+        self.flush()?;
         const MOVES: [&str; 4] = [
             "UPDATE events SET profile_id = $3 WHERE environment_id = $1 AND profile_id = $2",
             "UPDATE trait_history SET profile_id = $3 WHERE environment_id = $1 AND profile_id = $2",
@@ -299,6 +372,7 @@ impl IdentityTx for PgTx<'_> {
         profile_id: &str,
         distinct_id: &str,
     ) -> StoreResult<()> {
+        self.flush()?;
         self.execute(
             "UPDATE events SET distinct_id = $3 WHERE environment_id = $1 AND profile_id = $2 \
              AND distinct_id IS DISTINCT FROM $3",
@@ -308,24 +382,18 @@ impl IdentityTx for PgTx<'_> {
     }
 
     fn insert_event(&mut self, environment_id: EnvironmentId, event: &EventWrite<'_>) -> StoreResult<()> {
-        self.execute(
-            "INSERT INTO events (environment_id, event_id, profile_id, distinct_id, anonymous_id, event, \
-             properties, timestamp, received_at, identity_traits, message_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9, $10::text::jsonb, $11)",
-            &[
-                &environment_id,
-                &event.event_id,
-                &event.profile_id,
-                &event.distinct_id,
-                &event.anonymous_id,
-                &event.command.event,
-                &event.command.properties_json,
-                &event.command.timestamp.as_micros(),
-                &event.received_at.as_micros(),
-                &event.identity_traits_json,
-                &event.command.message_id,
-            ],
-        )?;
+        let pending = &mut self.pending_events;
+        pending.environment_ids.push(environment_id);
+        pending.event_ids.push(event.event_id.to_owned());
+        pending.profile_ids.push(event.profile_id.to_owned());
+        pending.distinct_ids.push(event.distinct_id.map(str::to_owned));
+        pending.anonymous_ids.push(event.anonymous_id.map(str::to_owned));
+        pending.events.push(event.command.event.clone());
+        pending.properties.push(event.command.properties_json.clone());
+        pending.timestamps.push(event.command.timestamp.as_micros());
+        pending.received_at.push(event.received_at.as_micros());
+        pending.identity_traits.push(event.identity_traits_json.to_owned());
+        pending.message_ids.push(event.command.message_id.clone());
         Ok(())
     }
 
@@ -336,11 +404,11 @@ impl IdentityTx for PgTx<'_> {
         changes_json: &str,
         recorded_at: Timestamp,
     ) -> StoreResult<()> {
-        self.execute(
-            "INSERT INTO trait_history (environment_id, profile_id, changes, recorded_at) \
-             VALUES ($1, $2, $3::text::jsonb, $4)",
-            &[&environment_id, &profile_id, &changes_json, &recorded_at.as_micros()],
-        )?;
+        let pending = &mut self.pending_history;
+        pending.environment_ids.push(environment_id);
+        pending.profile_ids.push(profile_id.to_owned());
+        pending.changes.push(changes_json.to_owned());
+        pending.recorded_at.push(recorded_at.as_micros());
         Ok(())
     }
 
@@ -485,6 +553,7 @@ impl IdentityTx for PgTx<'_> {
     }
 
     fn erase_profile(&mut self, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<()> {
+        self.flush()?;
         const ERASURES: [&str; 8] = [
             "DELETE FROM profiles WHERE environment_id = $1 AND profile_id = $2",
             "DELETE FROM identifiers WHERE environment_id = $1 AND profile_id = $2",
