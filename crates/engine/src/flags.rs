@@ -96,6 +96,8 @@ pub struct FlagsAnswer {
     /// The profile the identify landed on (`None` for the environment defaults, or when the
     /// user id is suppressed and nothing was stored).
     pub profile_id: Option<String>,
+    /// The traits the evaluation used (stored ones; transient ones are not listed).
+    pub traits: Map<String, Value>,
     pub flags: Vec<FlagAnswer>,
     pub segments: Vec<SegmentRef>,
 }
@@ -359,7 +361,7 @@ impl Engine {
                 traits: &sent_traits,
                 transient_traits: Some(&transient_traits),
             };
-            return Ok(answer(&compiled, Some(&identity), None));
+            return Ok(answer(&compiled, Some(&identity), None, sent_traits.clone()));
         }
         let profile = self.store.profile(environment.id, &outcome.profile_id).await?.ok_or_else(|| {
             EngineError::NotFound(format!("profile `{}` vanished during evaluation", outcome.profile_id))
@@ -371,7 +373,23 @@ impl Engine {
             traits: &profile.traits,
             transient_traits: Some(&transient_traits),
         };
-        Ok(answer(&compiled, Some(&identity), Some(profile.profile_id.clone())))
+        Ok(answer(&compiled, Some(&identity), Some(profile.profile_id.clone()), profile.traits.clone()))
+    }
+
+    /// Evaluates flags for an identity that is not stored (Flagsmith's transient identities):
+    /// only the traits given count, nothing is written.
+    pub async fn evaluate_transient(
+        &self,
+        principal: &Principal,
+        identifier: &str,
+        traits: Map<String, Value>,
+    ) -> EngineResult<FlagsAnswer> {
+        let environment = principal.require_environment()?;
+        self.config.limits.validate_identifier(identifier, "identifier")?;
+        self.config.limits.validate_trait_patch(&traits, "traits")?;
+        let compiled = self.compiled_flags(environment.id).await?;
+        let identity = Identity { identifier, profile_id: None, traits: &traits, transient_traits: None };
+        Ok(answer(&compiled, Some(&identity), None, traits.clone()))
     }
 
     /// The environment's flags with no identity: defaults, and overrides of segments that match
@@ -379,7 +397,7 @@ impl Engine {
     pub async fn default_flags(&self, principal: &Principal) -> EngineResult<FlagsAnswer> {
         let environment = principal.require_environment()?;
         let compiled = self.compiled_flags(environment.id).await?;
-        Ok(answer(&compiled, None, None))
+        Ok(answer(&compiled, None, None, Map::new()))
     }
 
     /// The whole environment (features, segments, identity overrides) in Flagsmith's
@@ -471,10 +489,16 @@ async fn run_membership_pass(
     }
 }
 
-fn answer(compiled: &CompiledFlags, identity: Option<&Identity<'_>>, profile_id: Option<String>) -> FlagsAnswer {
+fn answer(
+    compiled: &CompiledFlags,
+    identity: Option<&Identity<'_>>,
+    profile_id: Option<String>,
+    traits: Map<String, Value>,
+) -> FlagsAnswer {
     let evaluation = compiled.evaluator.evaluate(identity);
     FlagsAnswer {
         profile_id,
+        traits,
         flags: evaluation
             .flags
             .iter()

@@ -39,7 +39,8 @@ pub enum Principal {
 }
 
 impl Principal {
-    pub(crate) fn require_environment(&self) -> Result<&Environment, EngineError> {
+    /// The environment a client or server key belongs to; the admin token has none.
+    pub fn require_environment(&self) -> Result<&Environment, EngineError> {
         match self {
             Principal::Client(environment) | Principal::Server(environment) => Ok(environment),
             Principal::Admin => Err(EngineError::Forbidden(

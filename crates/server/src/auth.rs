@@ -1,5 +1,6 @@
-//! Who is calling: the key comes from `X-API-Key`, `Authorization: Bearer …`, or `?apiKey=` (the
-//! browser SDK's beacon requests cannot set headers), and the engine says what it may do.
+//! Who is calling: the key comes from `X-API-Key`, `X-Environment-Key` (Flagsmith's SDKs),
+//! `Authorization: Bearer …`, or `?apiKey=` (the browser SDK's beacon requests cannot set
+//! headers), and the engine says what it may do.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -32,8 +33,10 @@ impl FromRequestParts<AppState> for Caller {
 }
 
 fn presented_key(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
-    if let Some(key) = headers.get("x-api-key").and_then(|value| value.to_str().ok()) {
-        return Some(key.trim().to_owned());
+    for name in ["x-api-key", "x-environment-key"] {
+        if let Some(key) = headers.get(name).and_then(|value| value.to_str().ok()) {
+            return Some(key.trim().to_owned());
+        }
     }
     if let Some(authorization) = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok())
         && let Some(token) = authorization.strip_prefix("Bearer ").or_else(|| authorization.strip_prefix("bearer "))

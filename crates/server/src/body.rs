@@ -86,6 +86,20 @@ pub fn parse_item<T: DeserializeOwned>(raw: &RawValue) -> Result<T, FieldError> 
     if !raw.get().trim_start().starts_with('{') {
         return Err(FieldError::new(ErrorCode::InvalidType, "", "each item must be a JSON object"));
     }
+    parse_with_paths(raw)
+}
+
+/// Parses a body that must be a JSON array (of `T`s).
+pub fn parse_array<T: DeserializeOwned>(bytes: &[u8]) -> Result<Vec<T>, ApiError> {
+    let raw: &RawValue = serde_json::from_slice(bytes).map_err(malformed)?;
+    if !raw.get().trim_start().starts_with('[') {
+        return Err(FieldError::new(ErrorCode::InvalidType, "", "the body must be a JSON array").into());
+    }
+    parse_with_paths(raw).map_err(ApiError::from)
+}
+
+/// Deserializes with the failing field's path in the error.
+fn parse_with_paths<T: DeserializeOwned>(raw: &RawValue) -> Result<T, FieldError> {
     let mut deserializer = serde_json::Deserializer::from_str(raw.get());
     serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
         let path = error.path().to_string();

@@ -6,6 +6,7 @@ mod auth;
 mod body;
 pub mod error;
 mod flags;
+mod flagsmith;
 mod graph;
 mod native;
 mod profiles;
@@ -87,6 +88,12 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
         )
         .route("/v1/flags", get(flags::default_flags).post(flags::identify_and_evaluate))
         .route("/v1/environment-document", get(flags::environment_document))
+        .route("/api/v1/flags/", get(flagsmith::flags))
+        .route("/api/v1/identities/", get(flagsmith::get_identity).post(flagsmith::post_identity))
+        .route("/api/v1/traits/", post(flagsmith::post_trait))
+        .route("/api/v1/traits/bulk/", axum::routing::put(flagsmith::bulk_traits))
+        .route("/api/v1/bulk-identities/", post(flagsmith::bulk_identities))
+        .route("/api/v1/environment-document/", get(flagsmith::environment_document))
         .route("/v1/admin/environments", get(admin::list_environments).post(admin::create_environment))
         .route("/v1/admin/environments/{slug}/rotate-keys", post(admin::rotate_keys))
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/api.md") })

@@ -10,6 +10,7 @@ mod crash;
 mod events;
 mod flags;
 mod flags_differential;
+mod flagsmith;
 mod graph;
 mod identify;
 mod multinode;
