@@ -11,6 +11,7 @@ mod graph;
 mod native;
 mod profiles;
 mod query;
+mod segment;
 
 pub use query::to_csv as csv;
 
@@ -88,6 +89,13 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
         )
         .route("/v1/flags", get(flags::default_flags).post(flags::identify_and_evaluate))
         .route("/v1/environment-document", get(flags::environment_document))
+        .route("/v1/identify", post(segment::identify))
+        .route("/v1/track", post(segment::track))
+        .route("/v1/alias", post(segment::alias))
+        .route("/v1/page", post(segment::page))
+        .route("/v1/screen", post(segment::screen))
+        .route("/v1/group", post(segment::group))
+        .route("/v1/batch", post(segment::batch))
         .route("/api/v1/flags/", get(flagsmith::flags))
         .route("/api/v1/identities/", get(flagsmith::get_identity).post(flagsmith::post_identity))
         .route("/api/v1/traits/", post(flagsmith::post_trait))

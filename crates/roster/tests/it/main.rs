@@ -16,3 +16,4 @@ mod identify;
 mod multinode;
 mod profiles;
 mod query;
+mod segment;

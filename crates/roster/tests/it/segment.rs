@@ -1,0 +1,111 @@
+//! Segment's HTTP tracking API, driven by Segment's own Python library and by hand.
+
+use std::io::Write;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::common::{TestServer, assert_error, skipped};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_python_library_works_unchanged_against_roster() {
+    let Ok(python) = std::env::var("ROSTER_FLAG_ENGINE_PYTHON") else {
+        skipped(
+            "segment_python_library_works_unchanged_against_roster",
+            "set ROSTER_FLAG_ENGINE_PYTHON (.ci/run does)",
+        );
+        return;
+    };
+    let server = TestServer::start().await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/segment_sdk.py");
+    let output = tokio::process::Command::new(&python)
+        .args([script, &server.base_url, &server.keys.client_key])
+        .output()
+        .await
+        .expect("run the Segment library script");
+    assert!(output.status.success(), "script failed: {}", String::from_utf8_lossy(&output.stderr));
+    let seen: Value = serde_json::from_slice(&output.stdout).expect("JSON from the script");
+    assert_eq!(seen["errors"], json!([]), "the library reported errors");
+
+    let profile = server.profile_of_user("u-seg").await;
+    assert_eq!(profile["traits"], json!({ "email": "ada@example.com", "plan": "team" }), "identify and trait update");
+    assert!(
+        profile["anonymous_ids"].as_array().unwrap().contains(&json!("anon-seg")),
+        "anonymous session linked at login"
+    );
+    let events = server
+        .sql("SELECT event, distinct_id, properties->>'tier', properties->>'name' FROM events ORDER BY timestamp")
+        .await;
+    assert_eq!(
+        events["rows"],
+        json!([
+            ["Viewed Pricing", "u-seg", "pro", null],
+            ["Checkout", "u-seg", null, null],
+            ["page", "u-seg", null, "Home"],
+        ])
+    );
+}
+
+fn gzip(body: &Value) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(body.to_string().as_bytes()).unwrap();
+    encoder.finish().unwrap()
+}
+
+#[tokio::test]
+async fn segment_batches_authenticate_correct_clock_skew_and_keep_their_limits() {
+    let server = TestServer::start().await;
+    let basic = format!("Basic {}", base64_encode(&format!("{}:", server.keys.client_key)));
+    // sentAt one hour ahead of the server: the device clock is fast, the timestamps are moved back.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+    let hour = 3_600_000_000i64;
+    let stamp = |micros: i64| roster_core::Timestamp::from_micros(micros).to_rfc3339();
+    let batch = json!({ "sentAt": stamp(now + hour), "batch": [
+        { "type": "identify", "userId": "skewed", "traits": { "plan": "pro" }, "timestamp": stamp(now + hour - 60_000_000), "messageId": "m1" },
+        { "type": "track", "userId": 42, "event": "Numbers Are Ids Too", "messageId": "m2" },
+        { "type": "group", "userId": "skewed", "groupId": "acme", "traits": { "seats": 10 } },
+    ] });
+    let response = server
+        .http
+        .post(server.url("/v1/batch"))
+        .header("Authorization", &basic)
+        .header("Content-Type", "text/plain")
+        .body(gzip(&batch))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await.unwrap());
+    let profile = server.profile_of_user("skewed").await;
+    let stored = profile["trait_timestamps"]["plan"].as_str().unwrap().to_owned();
+    let stored = roster_core::Timestamp::parse_rfc3339(&stored, "").unwrap().as_micros();
+    assert!((stored - (now - 60_000_000)).abs() < 30_000_000, "corrected for the fast clock: {stored} vs {now}");
+    assert_eq!(server.profile_of_user("42").await["identified"], false);
+    let group = server.sql("SELECT properties->>'group_id' FROM events WHERE event = 'group'").await;
+    assert_eq!(group["rows"], json!([["acme"]]));
+
+    // writeKey in the body; resending a messageId applies it once.
+    let single = json!({ "writeKey": server.keys.client_key, "userId": "skewed", "traits": { "plan": "free" }, "messageId": "m1" });
+    let (status, body) = server.post_raw("/v1/identify", "", single.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(server.profile_of_user("skewed").await["traits"]["plan"], "pro", "messageId m1 was already applied");
+
+    // Limits and bad input: 400s naming the message and field.
+    let huge = json!({ "writeKey": server.keys.client_key, "userId": "u", "traits": { "blob": "x".repeat(40_000) } });
+    let (status, body) = server.post_raw("/v1/identify", "", huge.to_string()).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "payload_too_large");
+    let bad = json!({ "writeKey": server.keys.client_key, "batch": [{ "type": "track", "userId": "u" }, { "type": "launch" }] });
+    let (status, body) = server.post_raw("/v1/batch", "", bad.to_string()).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_type");
+    assert_eq!(body["path"], "batch[1].type");
+    let missing_event = json!({ "writeKey": server.keys.client_key, "batch": [{ "type": "track", "userId": "u" }] });
+    let (status, body) = server.post_raw("/v1/batch", "", missing_event.to_string()).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "missing_event_name");
+    assert_eq!(body["path"], "batch[0].event");
+    let (status, body) = server.post_raw("/v1/track", "", json!({ "userId": "u", "event": "E" }).to_string()).await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "missing_api_key");
+}
+
+fn base64_encode(text: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
