@@ -33,6 +33,8 @@ pub(crate) struct NativeIdentify {
     /// A resend with the same id inside the dedup window is applied once.
     message_id: Option<String>,
     environment: Option<String>,
+    /// Altertable's device id: the anonymous id when none is sent.
+    device_id: Option<String>,
 }
 
 impl NativeIdentify {
@@ -45,7 +47,7 @@ impl NativeIdentify {
         };
         Ok(IdentifyInput {
             user_id,
-            anonymous_id: self.anonymous_id,
+            anonymous_id: self.anonymous_id.or(self.device_id),
             traits,
             traits_set_once: self.traits_set_once.unwrap_or_default(),
             timestamp,
@@ -63,6 +65,8 @@ struct NativeAlias {
     previous_id: Option<String>,
     distinct_id: Option<String>,
     user_id: Option<String>,
+    /// Altertable's shape: `distinct_id` (the earlier id) now belongs to `new_user_id`.
+    new_user_id: Option<String>,
     timestamp: Option<String>,
     message_id: Option<String>,
     environment: Option<String>,
@@ -77,6 +81,15 @@ impl NativeAlias {
             Some(text) => Some(Timestamp::parse_rfc3339(text, "timestamp")?),
             None => None,
         };
+        if let Some(new_user_id) = self.new_user_id {
+            return Ok(AliasInput {
+                previous_id: one_of(self.previous_id, "previous_id", self.distinct_id, "distinct_id")?,
+                user_id: Some(new_user_id),
+                timestamp,
+                environment: self.environment,
+                message_id: self.message_id,
+            });
+        }
         Ok(AliasInput {
             previous_id: self.previous_id,
             user_id: one_of(self.distinct_id, "distinct_id", self.user_id, "user_id")?,
@@ -102,6 +115,8 @@ struct NativeTrack {
     context: Option<Map<String, Value>>,
     message_id: Option<String>,
     environment: Option<String>,
+    /// Altertable's device id: the anonymous id when none is sent.
+    device_id: Option<String>,
 }
 
 impl NativeTrack {
@@ -112,7 +127,7 @@ impl NativeTrack {
         };
         Ok(TrackInput {
             user_id: one_of(self.distinct_id, "distinct_id", self.user_id, "user_id")?,
-            anonymous_id: self.anonymous_id,
+            anonymous_id: self.anonymous_id.or(self.device_id),
             event: self.event,
             properties: self.properties.unwrap_or_default(),
             timestamp,

@@ -3,6 +3,7 @@
 mod common;
 
 mod admin;
+mod altertable;
 mod auth;
 mod bad_input;
 mod cli;
