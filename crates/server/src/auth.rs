@@ -50,3 +50,13 @@ fn presented_key(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
 pub(crate) fn query_parameter(query: &str, name: &str) -> Option<String> {
     form_urlencoded::parse(query.as_bytes()).find(|(key, _)| key == name).map(|(_, value)| value.into_owned())
 }
+
+/// The user and password of HTTP Basic auth, if the request carries it.
+pub(crate) fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    use base64::Engine as _;
+    let authorization = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = authorization.strip_prefix("Basic ").or_else(|| authorization.strip_prefix("basic "))?;
+    let decoded = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?).ok()?;
+    let (user, password) = decoded.split_once(':').unwrap_or((decoded.as_str(), ""));
+    Some((user.to_owned(), password.to_owned()))
+}

@@ -4,6 +4,7 @@
 mod admin;
 mod auth;
 mod body;
+mod customerio;
 pub mod error;
 mod flags;
 mod flagsmith;
@@ -96,6 +97,17 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
         .route("/v1/screen", post(segment::screen))
         .route("/v1/group", post(segment::group))
         .route("/v1/batch", post(segment::batch))
+        .route(
+            "/api/v1/customers/{identifier}",
+            axum::routing::put(customerio::put_customer).delete(customerio::delete_customer),
+        )
+        .route("/api/v1/customers/{identifier}/events", post(customerio::customer_event))
+        .route("/api/v1/customers/{identifier}/devices", axum::routing::put(customerio::put_device))
+        .route("/api/v1/customers/{identifier}/devices/{token}", axum::routing::delete(customerio::delete_device))
+        .route("/api/v1/customers/{identifier}/suppress", post(customerio::suppress))
+        .route("/api/v1/customers/{identifier}/unsuppress", post(customerio::unsuppress))
+        .route("/api/v1/events", post(customerio::anonymous_event))
+        .route("/api/v1/merge_customers", post(customerio::merge_customers))
         .route("/api/v1/flags/", get(flagsmith::flags))
         .route("/api/v1/identities/", get(flagsmith::get_identity).post(flagsmith::post_identity))
         .route("/api/v1/traits/", post(flagsmith::post_trait))

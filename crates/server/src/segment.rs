@@ -15,7 +15,6 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
-use base64::Engine as _;
 use roster_core::{ErrorCode, FieldError, Timestamp};
 use roster_engine::{AliasInput, IdentifyInput, Principal, TrackInput};
 use serde::Deserialize;
@@ -89,15 +88,13 @@ fn inflate(bytes: &Bytes) -> Result<Vec<u8>, ApiError> {
 
 /// The write key from the headers (Basic user, Bearer, X-API-Key) or the body.
 fn write_key(headers: &HeaderMap, body_key: Option<&str>) -> Option<String> {
-    if let Some(authorization) = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok()) {
-        if let Some(encoded) = authorization.strip_prefix("Basic ").or_else(|| authorization.strip_prefix("basic ")) {
-            let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
-            let decoded = String::from_utf8(decoded).ok()?;
-            return Some(decoded.split_once(':').map_or(decoded.as_str(), |(user, _)| user).to_owned());
-        }
-        if let Some(token) = authorization.strip_prefix("Bearer ").or_else(|| authorization.strip_prefix("bearer ")) {
-            return Some(token.trim().to_owned());
-        }
+    if let Some((user, _)) = crate::auth::basic_credentials(headers) {
+        return Some(user);
+    }
+    if let Some(authorization) = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok())
+        && let Some(token) = authorization.strip_prefix("Bearer ").or_else(|| authorization.strip_prefix("bearer "))
+    {
+        return Some(token.trim().to_owned());
     }
     if let Some(key) =
         headers.get("x-api-key").and_then(|value| value.to_str().ok()).filter(|key| !key.trim().is_empty())

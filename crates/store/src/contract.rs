@@ -1200,7 +1200,7 @@ pub async fn segment_memberships_follow_traits_with_history(store: &dyn Store) {
         store,
         environment_id,
         "SELECT distinct_id, segment, CASE WHEN exited_at IS NULL THEN 1 ELSE 0 END, is_member FROM segment_memberships \
-         WHERE distinct_id = 'ada' ORDER BY entered_at",
+         WHERE distinct_id = 'ada' ORDER BY is_member",
     )
     .await;
     assert_eq!(

@@ -8,6 +8,7 @@ mod auth;
 mod bad_input;
 mod cli;
 mod crash;
+mod customerio;
 mod events;
 mod flags;
 mod flags_differential;
