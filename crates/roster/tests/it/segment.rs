@@ -7,43 +7,50 @@ use serde_json::{Value, json};
 
 use crate::common::{TestServer, assert_error, skipped};
 
+/// Segment's own Python library and RudderStack's fork of it, unchanged but for the host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn segment_python_library_works_unchanged_against_roster() {
+async fn segment_and_rudderstack_python_libraries_work_unchanged_against_roster() {
     let Ok(python) = std::env::var("ROSTER_FLAG_ENGINE_PYTHON") else {
         skipped(
-            "segment_python_library_works_unchanged_against_roster",
+            "segment_and_rudderstack_python_libraries_work_unchanged_against_roster",
             "set ROSTER_FLAG_ENGINE_PYTHON (.ci/run does)",
         );
         return;
     };
     let server = TestServer::start().await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/segment_sdk.py");
-    let output = tokio::process::Command::new(&python)
-        .args([script, &server.base_url, &server.keys.client_key])
-        .output()
-        .await
-        .expect("run the Segment library script");
-    assert!(output.status.success(), "script failed: {}", String::from_utf8_lossy(&output.stderr));
-    let seen: Value = serde_json::from_slice(&output.stdout).expect("JSON from the script");
-    assert_eq!(seen["errors"], json!([]), "the library reported errors");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/segment_libraries.py");
+    for library in ["segment", "rudder"] {
+        let output = tokio::process::Command::new(&python)
+            .args([script, library, &server.base_url, &server.keys.client_key, library])
+            .output()
+            .await
+            .expect("run the library script");
+        assert!(output.status.success(), "{library} script failed: {}", String::from_utf8_lossy(&output.stderr));
+        let seen: Value = serde_json::from_slice(&output.stdout).expect("JSON from the script");
+        assert_eq!(seen["errors"], json!([]), "{library} reported errors");
 
-    let profile = server.profile_of_user("u-seg").await;
-    assert_eq!(profile["traits"], json!({ "email": "ada@example.com", "plan": "team" }), "identify and trait update");
-    assert!(
-        profile["anonymous_ids"].as_array().unwrap().contains(&json!("anon-seg")),
-        "anonymous session linked at login"
-    );
-    let events = server
-        .sql("SELECT event, distinct_id, properties->>'tier', properties->>'name' FROM events ORDER BY timestamp")
-        .await;
-    assert_eq!(
-        events["rows"],
-        json!([
-            ["Viewed Pricing", "u-seg", "pro", null],
-            ["Checkout", "u-seg", null, null],
-            ["page", "u-seg", null, "Home"],
-        ])
-    );
+        let (user, anonymous) = (format!("{library}-user"), format!("{library}-anon"));
+        let profile = server.profile_of_user(&user).await;
+        assert_eq!(
+            profile["traits"],
+            json!({ "email": format!("{library}@example.com"), "plan": "team" }),
+            "{library}"
+        );
+        assert!(
+            profile["anonymous_ids"].as_array().unwrap().contains(&json!(anonymous)),
+            "{library}: anonymous session linked at login"
+        );
+        let events = server
+            .sql(&format!(
+                "SELECT event, properties->>'tier', properties->>'name' FROM events WHERE distinct_id = '{user}' ORDER BY timestamp"
+            ))
+            .await;
+        assert_eq!(
+            events["rows"],
+            json!([["Viewed Pricing", "pro", null], ["Checkout", null, null], ["page", null, "Home"]]),
+            "{library}"
+        );
+    }
 }
 
 fn gzip(body: &Value) -> Vec<u8> {
