@@ -13,6 +13,7 @@ mod events;
 mod flags;
 mod flags_differential;
 mod flagsmith;
+mod fuzz;
 mod graph;
 mod identify;
 mod multinode;
