@@ -52,6 +52,9 @@ pub struct IdentifyCommand {
     pub message_id: Option<String>,
     /// The device the SDK's context names, registered to the profile with this identify.
     pub device: Option<crate::device::DeviceUpdate>,
+    /// Numbers added to numeric traits, atomically with the rest of the identify (Flagsmith's
+    /// increment-value): a missing trait counts as 0.
+    pub trait_increments: Map<String, Value>,
 }
 
 impl IdentifyCommand {
@@ -78,7 +81,24 @@ impl IdentifyCommand {
             timestamp,
             message_id: None,
             device: None,
+            trait_increments: Map::new(),
         })
+    }
+
+    /// Adds numbers to numeric traits (each value must be a number).
+    pub fn with_increments(mut self, increments: Map<String, Value>, limits: &Limits) -> Result<Self, FieldError> {
+        limits.validate_trait_patch(&increments, "trait_increments")?;
+        for (key, value) in &increments {
+            if !value.is_number() {
+                return Err(FieldError::new(
+                    ErrorCode::InvalidType,
+                    crate::error::join_path("trait_increments", key),
+                    "an increment is a number",
+                ));
+            }
+        }
+        self.trait_increments = increments;
+        Ok(self)
     }
 
     /// Registers the device the identify's `context` names (see `DeviceUpdate::from_context`).

@@ -122,6 +122,8 @@ pub struct IdentifyInput {
     pub message_id: Option<String>,
     /// The SDK's context; a `device.token` in it registers that device to the profile.
     pub context: Option<Map<String, Value>>,
+    /// Numbers added to numeric traits in the same write.
+    pub trait_increments: Map<String, Value>,
 }
 
 /// An alias as a dialect hands it over: `previous_id` (an anonymous id or an earlier distinct
@@ -305,7 +307,8 @@ impl Engine {
             &self.config.limits,
         )?
         .with_message_id(input.message_id, &self.config.limits)?
-        .with_context(input.context.as_ref(), &self.config.limits)
+        .with_context(input.context.as_ref(), &self.config.limits)?
+        .with_increments(input.trait_increments, &self.config.limits)
     }
 
     /// Alias (Segment/Altertable): links `previous_id` to `user_id` under exactly the rules of an

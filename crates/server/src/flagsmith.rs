@@ -54,6 +54,14 @@ struct TraitRequest {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct IncrementRequest {
+    trait_key: String,
+    increment_by: Value,
+    identifier: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BulkIdentitiesRequest {
     data: Vec<IdentityRequest>,
 }
@@ -199,6 +207,33 @@ pub async fn bulk_traits(
         result.map_err(|error| error.prefixed(&format!("[{index}]")))?;
     }
     Ok(Json(document))
+}
+
+/// `POST /api/v1/traits/increment-value/` `{"trait_key", "increment_by", "identifier"}`: adds to
+/// a numeric trait atomically (a missing trait counts as 0); answers the new value.
+pub async fn increment_trait(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Body(bytes): Body,
+) -> Result<Json<Value>, ApiError> {
+    let request: IncrementRequest = parse_document(&bytes)?;
+    let mut increments = Map::new();
+    increments.insert(request.trait_key.clone(), request.increment_by);
+    let input = IdentifyInput {
+        user_id: Some(request.identifier.clone()),
+        trait_increments: increments,
+        ..IdentifyInput::default()
+    };
+    let answer =
+        state.engine.identify_and_evaluate(&principal, input, Map::new()).await.map_err(|error| match error {
+            roster_engine::EngineError::Invalid(mut field) => {
+                field.path = field.path.replace(&format!("trait_increments.{}", request.trait_key), "increment_by");
+                ApiError::from(field)
+            }
+            other => ApiError::from(other),
+        })?;
+    let value = answer.traits.get(&request.trait_key).cloned().unwrap_or(Value::Null);
+    Ok(Json(json!({ "trait_key": request.trait_key, "trait_value": value, "identifier": request.identifier })))
 }
 
 /// `POST /api/v1/bulk-identities/` `{"data": [{"identifier", "traits": [...]}, ...]}`: stores

@@ -112,6 +112,7 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
         .route("/api/v1/identities/", get(flagsmith::get_identity).post(flagsmith::post_identity))
         .route("/api/v1/traits/", post(flagsmith::post_trait))
         .route("/api/v1/traits/bulk/", axum::routing::put(flagsmith::bulk_traits))
+        .route("/api/v1/traits/increment-value/", post(flagsmith::increment_trait))
         .route("/api/v1/bulk-identities/", post(flagsmith::bulk_identities))
         .route("/api/v1/environment-document/", get(flagsmith::environment_document))
         .route("/v1/admin/environments", get(admin::list_environments).post(admin::create_environment))

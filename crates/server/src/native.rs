@@ -35,6 +35,8 @@ pub(crate) struct NativeIdentify {
     environment: Option<String>,
     /// Altertable's device id: the anonymous id when none is sent.
     device_id: Option<String>,
+    /// Numbers added to numeric traits in the same write (a missing trait counts as 0).
+    trait_increments: Option<Map<String, Value>>,
 }
 
 impl NativeIdentify {
@@ -54,6 +56,7 @@ impl NativeIdentify {
             environment: self.environment,
             message_id: self.message_id,
             context: self.context,
+            trait_increments: self.trait_increments.unwrap_or_default(),
         })
     }
 }

@@ -1235,6 +1235,34 @@ pub async fn segment_memberships_follow_traits_with_history(store: &dyn Store) {
     assert_eq!(store.segment_members(environment_id, others, None, 10).await.unwrap().total, 0);
 }
 
+pub async fn trait_increments_add_in_the_write(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    let increment = |amount: Value, micros: i64| {
+        let mut increments = Map::new();
+        increments.insert("logins".to_owned(), amount);
+        command(Some("ada"), None, json!({}), micros).with_increments(increments, &Limits::default()).unwrap()
+    };
+    identify(store, environment_id, increment(json!(2), 1)).await;
+    identify(store, environment_id, increment(json!(3), 2)).await;
+    // An increment older than the stored value still counts.
+    identify(store, environment_id, increment(json!(1), 1)).await;
+    assert_eq!(profile_of(store, environment_id, IdentifierKind::UserId, "ada").await.traits["logins"], json!(6));
+    identify(store, environment_id, increment(json!(0.5), 3)).await;
+    assert_eq!(profile_of(store, environment_id, IdentifierKind::UserId, "ada").await.traits["logins"], json!(6.5));
+    identify(store, environment_id, command(Some("ada"), None, json!({ "plan": "pro" }), 4)).await;
+    let mut not_a_number = Map::new();
+    not_a_number.insert("plan".to_owned(), json!(1));
+    let refused = store
+        .identify(
+            environment_id,
+            vec![command(Some("ada"), None, json!({}), 5).with_increments(not_a_number, &Limits::default()).unwrap()],
+            WritePolicy::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(refused[0].as_ref().unwrap_err().path, "trait_increments.plan");
+}
+
 /// Instantiates every contract case as a test for one backend. `$make` is an async expression
 /// producing `Option<(Arc<dyn Store>, guard)>`; the guard (e.g. a temp dir) lives until the test
 /// ends, and `None` skips the case (the backend's maker says why).
@@ -1267,6 +1295,7 @@ macro_rules! store_contract_suite {
             expired_message_ids_and_history_are_purged,
             email_becomes_a_normalised_identifier_held_by_one_profile,
             name_is_filled_from_first_and_last_name,
+            trait_increments_add_in_the_write,
             devices_come_from_context_and_follow_their_current_user,
             an_explicit_merge_joins_two_identified_users,
             flag_configuration_is_stored_and_versioned,

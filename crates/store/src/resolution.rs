@@ -311,6 +311,10 @@ pub fn apply_identify(
     if name_follows_parts {
         changes.extend(fill_name(&mut profile.traits, &command.traits, command.timestamp));
     }
+    match increment_traits(&mut profile.traits, &command.trait_increments, command.timestamp) {
+        Ok(incremented) => changes.extend(incremented),
+        Err(violation) => return Ok(Err(violation)),
+    }
     let adds_identifier = plan.link_anonymous_id.is_some() && !anonymous_already_linked;
     if !created
         && (adds_identifier || absorbed.is_some())
@@ -834,6 +838,47 @@ fn move_absorbed(
     tx.move_identifiers(environment_id, &absorbed.profile_id, target_id)?;
     tx.move_activity(environment_id, &absorbed.profile_id, target_id)?;
     tx.retire_profile(environment_id, &absorbed.profile_id, target_id)
+}
+
+/// Adds each increment to its trait (a missing trait counts as 0). The sum is written just after
+/// the trait's current timestamp when that is newer than the command's, so an increment is never
+/// lost to ordering.
+fn increment_traits(
+    traits: &mut TraitSet,
+    increments: &serde_json::Map<String, serde_json::Value>,
+    at: Timestamp,
+) -> Result<Vec<TraitChange>, FieldError> {
+    let mut changes = Vec::new();
+    for (key, increment) in increments {
+        let entry = traits.get(key);
+        let current = entry.and_then(|entry| entry.value.clone()).unwrap_or(serde_json::json!(0));
+        let sum = match (current.as_i64(), increment.as_i64()) {
+            (Some(current), Some(increment)) => current.checked_add(increment).map(serde_json::Value::from),
+            _ => match (current.as_f64(), increment.as_f64()) {
+                (Some(current), Some(increment)) => serde_json::Number::from_f64(current + increment).map(Into::into),
+                _ => {
+                    return Err(FieldError::new(
+                        ErrorCode::InvalidType,
+                        roster_core::error::join_path("trait_increments", key),
+                        format!("trait `{key}` holds {current}, which is not a number"),
+                    ));
+                }
+            },
+        };
+        let Some(sum) = sum else {
+            return Err(FieldError::new(
+                ErrorCode::InvalidType,
+                roster_core::error::join_path("trait_increments", key),
+                "the sum is out of range",
+            ));
+        };
+        let written_at = match entry.map(|entry| entry.updated_at) {
+            Some(current_at) if current_at >= at => Timestamp::from_micros(current_at.as_micros().saturating_add(1)),
+            _ => at,
+        };
+        changes.extend(traits.apply(key, Some(sum), written_at));
+    }
+    Ok(changes)
 }
 
 /// Whether the profile's `name` may be (re)computed from its parts: it has none, or the one it has

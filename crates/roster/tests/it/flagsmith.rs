@@ -129,6 +129,53 @@ async fn flagsmith_trait_and_identity_endpoints_store_through_the_identify_path(
         .await;
     assert_eq!(server.profile_of_user("ada").await["traits"], json!({ "plan": "pro" }));
 
+    // Increments add atomically; concurrent ones all count.
+    let increments: Vec<_> = (0..10)
+        .map(|_| {
+            let (http, url, key) = (server.http.clone(), server.url("/api/v1/traits/increment-value/"), key.clone());
+            tokio::spawn(async move {
+                http.post(url)
+                    .header("X-Environment-Key", key)
+                    .json(&json!({ "trait_key": "logins", "increment_by": 2, "identifier": "ada" }))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    for increment in increments {
+        assert_eq!(increment.await.unwrap(), StatusCode::OK);
+    }
+    let (status, answer) = server
+        .flagsmith(
+            Method::POST,
+            "/api/v1/traits/increment-value/",
+            &key,
+            Some(json!({ "trait_key": "logins", "increment_by": 0.5, "identifier": "ada" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer, json!({ "trait_key": "logins", "trait_value": 20.5, "identifier": "ada" }));
+    let (status, body) = server
+        .flagsmith(
+            Method::POST,
+            "/api/v1/traits/increment-value/",
+            &key,
+            Some(json!({ "trait_key": "plan", "increment_by": 1, "identifier": "ada" })),
+        )
+        .await;
+    crate::common::assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_type");
+    assert_eq!(body["path"], "increment_by");
+    server
+        .flagsmith(
+            Method::POST,
+            "/api/v1/traits/",
+            &key,
+            Some(json!({ "identity": { "identifier": "ada" }, "trait_key": "logins", "trait_value": null })),
+        )
+        .await;
+
     let (status, body) = server.flagsmith(Method::GET, "/api/v1/identities/", &key, None).await;
     crate::common::assert_error(status, &body, StatusCode::BAD_REQUEST, "missing_identifier");
     let (status, body) = server
