@@ -17,6 +17,7 @@ mod fuzz;
 mod graph;
 mod identify;
 mod multinode;
+mod node_sdks;
 mod profiles;
 mod query;
 mod segment;

@@ -1,0 +1,55 @@
+//! Segment's and Flagsmith's Node SDKs (`@segment/analytics-node`, `flagsmith-nodejs`, from the
+//! committed lockfile in `tests/node`, installed by `.ci/run` with `npm ci`) against Roster.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::common::{TestServer, skipped};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_and_flagsmith_node_sdks_work_unchanged_against_roster() {
+    let directory = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node");
+    if !std::path::Path::new(directory).join("node_modules").is_dir() {
+        skipped(
+            "segment_and_flagsmith_node_sdks_work_unchanged_against_roster",
+            "run `npm ci` in crates/roster/tests/node (.ci/run does)",
+        );
+        return;
+    }
+    let server = TestServer::start().await;
+    let segment = json!({ "name": "pro users", "rules": [{ "type": "ALL", "conditions": [
+        { "property": "plan", "operator": "EQUAL", "value": "pro" }] }] });
+    let (_, segment) = server.post("/v1/segments", &server.keys.server_key, &segment).await;
+    let feature = json!({ "name": "checkout", "enabled": false, "value": "v1",
+        "segment_overrides": [{ "segment_id": segment["id"], "enabled": true, "value": "v2" }] });
+    let (status, feature) = server.post("/v1/features", &server.keys.server_key, &feature).await;
+    assert_eq!(status, StatusCode::CREATED, "{feature}");
+    let vip = server.identify(json!({ "distinct_id": "vip" })).await;
+    let path = format!("/v1/features/{}/overrides/{}", feature["id"], vip["profile_id"].as_str().unwrap());
+    server.send(Method::PUT, &path, &server.keys.server_key, Some(json!({ "enabled": true, "value": "mine" }))).await;
+
+    let output = tokio::process::Command::new("node")
+        .current_dir(directory)
+        .args(["sdks.js", &server.base_url, &server.keys.client_key, &server.keys.server_key])
+        .output()
+        .await
+        .expect("run node");
+    assert!(output.status.success(), "node failed: {}", String::from_utf8_lossy(&output.stderr));
+    let seen: Value = serde_json::from_slice(&output.stdout).expect("JSON from node");
+    assert_eq!(seen["segment_errors"], json!([]));
+    let profile = server.profile_of_user("node-user").await;
+    assert_eq!(profile["traits"], json!({ "email": "node@example.com", "plan": "team" }));
+    assert!(profile["anonymous_ids"].as_array().unwrap().contains(&json!("node-anon")), "anonymous session linked");
+    let events = server.sql("SELECT event FROM events WHERE distinct_id = 'node-user' ORDER BY timestamp").await;
+    assert_eq!(events["rows"], json!([["Viewed Pricing"], ["Checkout"]]));
+
+    let state = |enabled: bool, value: &str| json!({ "enabled": enabled, "value": value });
+    let flags = &seen["flagsmith"];
+    assert_eq!(flags["environment"], state(false, "v1"));
+    assert_eq!(flags["pro"], state(true, "v2"));
+    assert_eq!(flags["downgraded"], state(false, "v1"));
+    assert_eq!(flags["vip"], state(true, "mine"));
+    assert_eq!(flags["local_pro"], state(true, "v2"));
+    assert_eq!(flags["local_vip"], state(true, "mine"));
+    assert_eq!(server.profile_of_user("node-ada").await["traits"]["plan"], "free");
+}
