@@ -53,3 +53,35 @@ async fn segment_and_flagsmith_node_sdks_work_unchanged_against_roster() {
     assert_eq!(flags["local_vip"], state(true, "mine"));
     assert_eq!(server.profile_of_user("node-ada").await["traits"]["plan"], "free");
 }
+
+/// Customer.io's Node client. It speaks HTTPS only, so the script puts a TLS proxy with a
+/// throwaway certificate in front of Roster (see `tests/node/customerio.js`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customerio_node_client_works_against_roster_behind_tls() {
+    let directory = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node");
+    if !std::path::Path::new(directory).join("node_modules").is_dir() {
+        skipped(
+            "customerio_node_client_works_against_roster_behind_tls",
+            "run `npm ci` in crates/roster/tests/node (.ci/run does)",
+        );
+        return;
+    }
+    let server = TestServer::start().await;
+    let output = tokio::process::Command::new("node")
+        .current_dir(directory)
+        .env("NODE_TLS_REJECT_UNAUTHORIZED", "0")
+        .args(["customerio.js", &server.base_url, "development", &server.keys.server_key])
+        .output()
+        .await
+        .expect("run node");
+    assert!(output.status.success(), "node failed: {}", String::from_utf8_lossy(&output.stderr));
+    let seen: Value = serde_json::from_slice(&output.stdout).expect("JSON from node");
+    assert_eq!(seen["errors"], json!([]));
+    let profile = server.profile_of_user("node-cio").await;
+    assert_eq!(profile["traits"], json!({ "email": "node-cio@example.com", "plan": "team" }));
+    assert!(profile["anonymous_ids"].as_array().unwrap().contains(&json!("node-cio-anon")));
+    assert_eq!(profile["devices"][0]["token"], "fcm-node");
+    assert_eq!(profile["devices"][0]["attributes"]["app_version"], "3.0");
+    let events = server.sql("SELECT event FROM events WHERE distinct_id = 'node-cio' ORDER BY timestamp").await;
+    assert_eq!(events["rows"], json!([["Viewed Pricing"], ["Checkout"]]));
+}
