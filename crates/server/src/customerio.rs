@@ -307,3 +307,154 @@ impl PrefixTraits for FieldError {
         self.into()
     }
 }
+
+/// One operation of `/api/v2/batch` (Customer.io's Track v2 shape, `type: "person"`).
+#[derive(Debug, Deserialize)]
+struct BatchOperation {
+    #[serde(rename = "type")]
+    kind: String,
+    action: String,
+    identifiers: Option<CustomerRef>,
+    #[serde(default)]
+    attributes: Map<String, Value>,
+    name: Option<String>,
+    id: Option<String>,
+    timestamp: Option<i64>,
+    device: Option<Map<String, Value>>,
+    primary: Option<CustomerRef>,
+    secondary: Option<CustomerRef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody {
+    batch: Vec<BatchOperation>,
+}
+
+impl CustomerRef {
+    /// The identifier as the v1 paths spell it.
+    fn as_path(&self) -> Option<String> {
+        match (&self.id, &self.email, &self.cio_id) {
+            (Some(id), None, None) => Some(id.clone()),
+            (None, Some(email), None) => Some(email.clone()),
+            (None, None, Some(cio_id)) => Some(format!("cio_{cio_id}")),
+            _ => None,
+        }
+    }
+}
+
+/// `POST /api/v2/batch` `{"batch": [{"type": "person", "action", "identifiers", ...}]}`: person
+/// operations applied in order (identify, event, delete, add_device, delete_device, suppress,
+/// unsuppress, merge). The first one refused answers 400 naming it; those before it stay applied.
+pub async fn batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Body(bytes): Body,
+) -> Result<Json<Value>, ApiError> {
+    let principal = authenticate(&state, &headers)?;
+    let body: BatchBody = parse_document(&bytes)?;
+    for (index, operation) in body.batch.into_iter().enumerate() {
+        let path = format!("batch[{index}]");
+        apply_operation(&state, &principal, operation).await.map_err(|mut error| {
+            let inner = error.body.path.take().unwrap_or_default();
+            error.body.path = Some(roster_core::error::join_path(&path, &inner));
+            error
+        })?;
+    }
+    Ok(ok())
+}
+
+async fn apply_operation(state: &AppState, principal: &Principal, operation: BatchOperation) -> Result<(), ApiError> {
+    if operation.kind != "person" {
+        return Err(FieldError::new(ErrorCode::InvalidType, "type", "only `person` operations are supported").into());
+    }
+    if operation.action == "merge" {
+        let primary = operation.primary.ok_or_else(|| {
+            ApiError::from(FieldError::new(ErrorCode::MissingIdentifier, "primary", "a merge needs `primary`"))
+        })?;
+        let secondary = operation.secondary.ok_or_else(|| {
+            ApiError::from(FieldError::new(ErrorCode::MissingIdentifier, "secondary", "a merge needs `secondary`"))
+        })?;
+        state.engine.merge(principal, primary.into_selector("primary")?, secondary.into_selector("secondary")?).await?;
+        return Ok(());
+    }
+    let identifier = operation.identifiers.as_ref().and_then(CustomerRef::as_path).ok_or_else(|| {
+        ApiError::from(FieldError::new(
+            ErrorCode::InvalidType,
+            "identifiers",
+            "name the person with one of `id`, `email`, `cio_id`",
+        ))
+    })?;
+    match operation.action.as_str() {
+        "identify" => {
+            let mut attributes = operation.attributes;
+            let anonymous_id = match attributes.remove("anonymous_id") {
+                Some(Value::String(anonymous_id)) => Some(anonymous_id),
+                _ => None,
+            };
+            let user_id = user_id_for(state, principal, &identifier).await?;
+            let input =
+                IdentifyInput { user_id: Some(user_id), anonymous_id, traits: attributes, ..IdentifyInput::default() };
+            state
+                .engine
+                .identify(principal, vec![Ok(input)])
+                .await?
+                .remove(0)
+                .map_err(|error| error.prefixed_traits())?;
+        }
+        "event" => {
+            let user_id = user_id_for(state, principal, &identifier).await?;
+            let body = EventBody {
+                name: operation.name,
+                data: operation.attributes,
+                id: operation.id,
+                timestamp: operation.timestamp,
+                anonymous_id: None,
+            };
+            state.engine.track(principal, vec![Ok(event_input(body, Some(user_id)))]).await?.remove(0)?;
+        }
+        "delete" => {
+            state.engine.erase(principal, selector(&identifier)).await?;
+        }
+        "add_device" | "delete_device" => {
+            let mut device = operation.device.unwrap_or_default();
+            let token = match device.remove("token").or_else(|| device.remove("id")) {
+                Some(Value::String(token)) if !token.is_empty() => token,
+                _ => {
+                    return Err(FieldError::new(
+                        ErrorCode::MissingIdentifier,
+                        "device.token",
+                        "the device token is required",
+                    )
+                    .into());
+                }
+            };
+            let profile_id = profile_id_for(state, principal, &identifier).await?;
+            if operation.action == "delete_device" {
+                state.engine.delete_device(principal, &profile_id, &token).await?;
+            } else {
+                let platform = device.remove("platform").and_then(|platform| platform.as_str().map(str::to_owned));
+                device.remove("last_used");
+                let mut attributes = match device.remove("attributes") {
+                    Some(Value::Object(attributes)) => attributes,
+                    _ => Map::new(),
+                };
+                attributes.extend(device);
+                state.engine.put_device(principal, &profile_id, &token, platform, attributes, None).await?;
+            }
+        }
+        "suppress" | "unsuppress" => {
+            let user_id = user_id_for(state, principal, &identifier).await?;
+            state.engine.set_suppressed(principal, &user_id, operation.action == "suppress").await?;
+        }
+        other => {
+            return Err(FieldError::new(
+                ErrorCode::InvalidType,
+                "action",
+                format!("`{other}` is not a supported person action"),
+            )
+            .into());
+        }
+    }
+    Ok(())
+}

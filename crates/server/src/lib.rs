@@ -108,6 +108,7 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
         .route("/api/v1/customers/{identifier}/unsuppress", post(customerio::unsuppress))
         .route("/api/v1/events", post(customerio::anonymous_event))
         .route("/api/v1/merge_customers", post(customerio::merge_customers))
+        .route("/api/v2/batch", post(customerio::batch))
         .route("/api/v1/flags/", get(flagsmith::flags))
         .route("/api/v1/identities/", get(flagsmith::get_identity).post(flagsmith::post_identity))
         .route("/api/v1/traits/", post(flagsmith::post_trait))

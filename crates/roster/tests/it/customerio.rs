@@ -56,3 +56,51 @@ async fn customerio_requests_need_the_server_key_and_name_bad_fields() {
     let missing = server.http.put(server.url("/api/v1/customers/ada")).json(&json!({})).send().await.unwrap();
     assert_eq!(missing.status(), 401);
 }
+
+#[tokio::test]
+async fn customerio_v2_batches_apply_person_operations_in_order() {
+    let server = TestServer::start().await;
+    let batch = json!({ "batch": [
+        { "type": "person", "action": "identify", "identifiers": { "id": "b-ada" }, "attributes": { "plan": "pro", "email": "b@example.com" } },
+        { "type": "person", "action": "event", "identifiers": { "email": "b@example.com" }, "name": "Upgraded", "attributes": { "to": "pro" }, "id": "e-1" },
+        { "type": "person", "action": "add_device", "identifiers": { "id": "b-ada" }, "device": { "token": "apns-b", "platform": "ios" } },
+        { "type": "person", "action": "identify", "identifiers": { "id": "b-dup" }, "attributes": { "seats": 3 } },
+        { "type": "person", "action": "merge", "primary": { "id": "b-ada" }, "secondary": { "id": "b-dup" } },
+        { "type": "person", "action": "suppress", "identifiers": { "id": "b-quiet" } },
+    ] });
+    let response = server
+        .http
+        .post(server.url("/api/v2/batch"))
+        .basic_auth("development", Some(&server.keys.server_key))
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let profile = server.profile_of_user("b-ada").await;
+    assert_eq!(profile["traits"], json!({ "plan": "pro", "email": "b@example.com", "seats": 3 }));
+    assert_eq!(profile["devices"][0]["token"], "apns-b");
+    let events = server.sql("SELECT event, distinct_id FROM events").await;
+    assert_eq!(events["rows"], json!([["Upgraded", "b-ada"]]));
+
+    let bad = json!({ "batch": [
+        { "type": "person", "action": "identify", "identifiers": { "id": "b-ok" }, "attributes": { "plan": "pro" } },
+        { "type": "person", "action": "launch", "identifiers": { "id": "b-ok" } },
+    ] });
+    let response = server
+        .http
+        .post(server.url("/api/v2/batch"))
+        .basic_auth("development", Some(&server.keys.server_key))
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["path"], "batch[1].action");
+    assert_eq!(
+        server.profile_of_user("b-ok").await["traits"]["plan"],
+        "pro",
+        "operations before the refused one stay applied"
+    );
+}
