@@ -79,7 +79,18 @@ pub async fn put_customer(
     Body(bytes): Body,
 ) -> Result<Json<Value>, ApiError> {
     let principal = authenticate(&state, &headers)?;
-    let mut attributes: Map<String, Value> = parse_document(&bytes)?;
+    let attributes: Map<String, Value> = parse_document(&bytes)?;
+    identify_customer(&state, &principal, &identifier, attributes).await?;
+    Ok(ok())
+}
+
+/// Stores a customer's attributes as traits; `anonymous_id` among them links that activity.
+async fn identify_customer(
+    state: &AppState,
+    principal: &Principal,
+    identifier: &str,
+    mut attributes: Map<String, Value>,
+) -> Result<(), ApiError> {
     let anonymous_id = match attributes.remove("anonymous_id") {
         None | Some(Value::Null) => None,
         Some(Value::String(anonymous_id)) => Some(anonymous_id),
@@ -88,13 +99,13 @@ pub async fn put_customer(
     for ignored in ["id", "cio_id", "_update"] {
         attributes.remove(ignored);
     }
-    let user_id = user_id_for(&state, &principal, &identifier).await?;
+    let user_id = user_id_for(state, principal, identifier).await?;
     if identifier.contains('@') && !attributes.contains_key("email") {
-        attributes.insert("email".into(), Value::String(identifier.clone()));
+        attributes.insert("email".into(), Value::String(identifier.to_owned()));
     }
     let input = IdentifyInput { user_id: Some(user_id), anonymous_id, traits: attributes, ..IdentifyInput::default() };
-    state.engine.identify(&principal, vec![Ok(input)]).await?.remove(0).map_err(|error| error.prefixed_traits())?;
-    Ok(ok())
+    state.engine.identify(principal, vec![Ok(input)]).await?.remove(0).map_err(|error| error.prefixed_traits())?;
+    Ok(())
 }
 
 /// `DELETE /api/v1/customers/{identifier}`: erases the customer.
@@ -386,22 +397,7 @@ async fn apply_operation(state: &AppState, principal: &Principal, operation: Bat
         ))
     })?;
     match operation.action.as_str() {
-        "identify" => {
-            let mut attributes = operation.attributes;
-            let anonymous_id = match attributes.remove("anonymous_id") {
-                Some(Value::String(anonymous_id)) => Some(anonymous_id),
-                _ => None,
-            };
-            let user_id = user_id_for(state, principal, &identifier).await?;
-            let input =
-                IdentifyInput { user_id: Some(user_id), anonymous_id, traits: attributes, ..IdentifyInput::default() };
-            state
-                .engine
-                .identify(principal, vec![Ok(input)])
-                .await?
-                .remove(0)
-                .map_err(|error| error.prefixed_traits())?;
-        }
+        "identify" => identify_customer(state, principal, &identifier, operation.attributes).await?,
         "event" => {
             let user_id = user_id_for(state, principal, &identifier).await?;
             let body = EventBody {

@@ -58,6 +58,7 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
     let state = AppState { engine, config: Arc::new(config) };
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/openapi.json", get(openapi))
         .route("/identify", post(native::identify))
         .route("/track", post(native::track))
         .route("/alias", post(native::alias))
@@ -126,6 +127,13 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// The OpenAPI document of the native and management API, listing the vendor wire formats.
+const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
+async fn openapi() -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 /// A panic is a bug; the client still gets the public error shape, and nothing half-done is

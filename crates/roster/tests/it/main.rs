@@ -18,6 +18,7 @@ mod graph;
 mod identify;
 mod multinode;
 mod node_sdks;
+mod openapi;
 mod profiles;
 mod query;
 mod segment;

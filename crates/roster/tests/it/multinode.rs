@@ -59,6 +59,17 @@ impl Random {
     }
 }
 
+/// `roster init` on a fresh schema of the test database: the schema and the printed credentials.
+fn init_schema(url: &str) -> (String, Value) {
+    let schema = format!("roster_it_{}", uuid_like());
+    let output = Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["init", "--json", "--store", url, "--postgres-schema", &schema])
+        .output()
+        .expect("run roster init");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    (schema, serde_json::from_slice(&output.stdout).unwrap())
+}
+
 fn rfc3339(micros: i64) -> String {
     roster_core::Timestamp::from_micros(micros).to_rfc3339()
 }
@@ -72,13 +83,7 @@ async fn two_nodes_on_one_database_lose_nothing_when_one_is_killed() {
         );
         return;
     };
-    let schema = format!("roster_it_{}", uuid_like());
-    let output = Command::new(env!("CARGO_BIN_EXE_roster"))
-        .args(["init", "--json", "--store", &url, "--postgres-schema", &schema])
-        .output()
-        .expect("run roster init");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let credentials: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let (schema, credentials) = init_schema(&url);
     let client_key = credentials["environments"][0]["client_key"].as_str().unwrap().to_owned();
     let server_key = credentials["environments"][0]["server_key"].as_str().unwrap().to_owned();
 
@@ -284,13 +289,7 @@ async fn configuration_changed_on_one_node_reaches_the_other_within_the_bound() 
         );
         return;
     };
-    let schema = format!("roster_it_{}", uuid_like());
-    let output = Command::new(env!("CARGO_BIN_EXE_roster"))
-        .args(["init", "--json", "--store", &url, "--postgres-schema", &schema])
-        .output()
-        .expect("run roster init");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let credentials: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let (schema, credentials) = init_schema(&url);
     let client_key = credentials["environments"][0]["client_key"].as_str().unwrap().to_owned();
     let server_key = credentials["environments"][0]["server_key"].as_str().unwrap().to_owned();
     let admin_token = credentials["admin_token"].as_str().unwrap().to_owned();
