@@ -436,6 +436,15 @@ impl ReaderPool {
 /// [`IdentityTx`] on the writer's open transaction.
 struct SqliteIdentityTx<'a> {
     connection: &'a Connection,
+    /// Environments seen to have no suppressed user ids during this job (the writer is the only
+    /// one changing suppressions, and a job runs alone): one look per job, not one per item.
+    unsuppressed_environments: Vec<EnvironmentId>,
+}
+
+impl<'a> SqliteIdentityTx<'a> {
+    fn new(connection: &'a Connection) -> Self {
+        SqliteIdentityTx { connection, unsuppressed_environments: Vec::new() }
+    }
 }
 
 /// The columns `stored_profile_from_row` reads, as a macro so that queries are `concat!`ed
@@ -745,6 +754,17 @@ impl IdentityTx for SqliteIdentityTx<'_> {
     }
 
     fn is_suppressed(&mut self, environment_id: EnvironmentId, user_id: &str) -> StoreResult<bool> {
+        if self.unsuppressed_environments.contains(&environment_id) {
+            return Ok(false);
+        }
+        let any = self
+            .connection
+            .prepare_cached("SELECT 1 FROM suppressions WHERE environment_id = ?1 LIMIT 1")?
+            .exists(params![environment_id])?;
+        if !any {
+            self.unsuppressed_environments.push(environment_id);
+            return Ok(false);
+        }
         Ok(self
             .connection
             .prepare_cached("SELECT 1 FROM suppressions WHERE environment_id = ?1 AND user_id = ?2")?
@@ -758,6 +778,7 @@ impl IdentityTx for SqliteIdentityTx<'_> {
         suppressed: bool,
         at: Timestamp,
     ) -> StoreResult<()> {
+        self.unsuppressed_environments.retain(|known| *known != environment_id);
         if suppressed {
             self.connection
                 .prepare_cached(
@@ -1077,7 +1098,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<ItemResult>> {
         self.write(move |connection| {
             let received_at = now();
-            let mut tx = SqliteIdentityTx { connection };
+            let mut tx = SqliteIdentityTx::new(connection);
             commands
                 .iter()
                 .map(|command| apply_identify(&mut tx, environment_id, command, &policy, received_at))
@@ -1094,7 +1115,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<TrackResult>> {
         self.write(move |connection| {
             let received_at = now();
-            let mut tx = SqliteIdentityTx { connection };
+            let mut tx = SqliteIdentityTx::new(connection);
             commands.iter().map(|command| apply_track(&mut tx, environment_id, command, &policy, received_at)).collect()
         })
         .await
@@ -1184,7 +1205,7 @@ impl Store for SqliteStore {
         policy: WritePolicy,
     ) -> StoreResult<Result<MergeOutcome, FieldError>> {
         self.write(move |connection| {
-            let mut tx = SqliteIdentityTx { connection };
+            let mut tx = SqliteIdentityTx::new(connection);
             apply_merge(&mut tx, environment_id, &primary, &secondary, &policy, now())
         })
         .await
@@ -1200,7 +1221,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Result<String, FieldError>> {
         let profile_id = profile_id.to_owned();
         self.write(move |connection| {
-            let mut tx = SqliteIdentityTx { connection };
+            let mut tx = SqliteIdentityTx::new(connection);
             apply_identifier_change(
                 &mut tx,
                 environment_id,
@@ -1219,13 +1240,14 @@ impl Store for SqliteStore {
         environment_id: EnvironmentId,
         selector: ProfileSelector,
     ) -> StoreResult<Option<String>> {
-        self.write(move |connection| apply_erase(&mut SqliteIdentityTx { connection }, environment_id, &selector)).await
+        self.write(move |connection| apply_erase(&mut SqliteIdentityTx::new(connection), environment_id, &selector))
+            .await
     }
 
     async fn set_suppressed(&self, environment_id: EnvironmentId, user_id: &str, suppressed: bool) -> StoreResult<()> {
         let user_id = user_id.to_owned();
         self.write(move |connection| {
-            SqliteIdentityTx { connection }.set_suppressed(environment_id, &user_id, suppressed, now())
+            SqliteIdentityTx::new(connection).set_suppressed(environment_id, &user_id, suppressed, now())
         })
         .await
     }
@@ -1238,7 +1260,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let profile_id = profile_id.to_owned();
         self.write(move |connection| {
-            apply_device_upsert(&mut SqliteIdentityTx { connection }, environment_id, &profile_id, &device, now())
+            apply_device_upsert(&mut SqliteIdentityTx::new(connection), environment_id, &profile_id, &device, now())
         })
         .await
     }
@@ -1246,7 +1268,7 @@ impl Store for SqliteStore {
     async fn delete_device(&self, environment_id: EnvironmentId, profile_id: &str, token: &str) -> StoreResult<bool> {
         let (profile_id, token) = (profile_id.to_owned(), token.to_owned());
         self.write(move |connection| {
-            apply_device_delete(&mut SqliteIdentityTx { connection }, environment_id, &profile_id, &token)
+            apply_device_delete(&mut SqliteIdentityTx::new(connection), environment_id, &profile_id, &token)
         })
         .await
     }
@@ -1325,7 +1347,7 @@ impl Store for SqliteStore {
         let profile_id = profile_id.to_owned();
         self.write(move |connection| {
             let selector = ProfileSelector::ProfileId(profile_id);
-            let Some(profile) = resolve(&mut SqliteIdentityTx { connection }, environment_id, &selector)? else {
+            let Some(profile) = resolve(&mut SqliteIdentityTx::new(connection), environment_id, &selector)? else {
                 return Ok(Err(FieldError::new(ErrorCode::NotFound, "profile_id", "no such profile")));
             };
             Ok(flags::put_identity_override(
@@ -1350,7 +1372,7 @@ impl Store for SqliteStore {
         let profile_id = profile_id.to_owned();
         self.write(move |connection| {
             let selector = ProfileSelector::ProfileId(profile_id);
-            let Some(profile) = resolve(&mut SqliteIdentityTx { connection }, environment_id, &selector)? else {
+            let Some(profile) = resolve(&mut SqliteIdentityTx::new(connection), environment_id, &selector)? else {
                 return Ok(false);
             };
             flags::delete_identity_override(connection, environment_id, &profile.profile_id, feature_id)
@@ -1366,7 +1388,7 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> StoreResult<(usize, Option<String>)> {
         self.write(move |connection| {
-            let mut tx = SqliteIdentityTx { connection };
+            let mut tx = SqliteIdentityTx::new(connection);
             apply_membership_refresh(&mut tx, environment_id, &policy, after.as_deref(), limit, now())
         })
         .await
