@@ -122,6 +122,8 @@ pub struct Evaluator {
     /// The distinct trait keys conditions read: each is looked up and mapped once per evaluation,
     /// however many conditions read it.
     trait_slots: Vec<String>,
+    /// Every distinct condition (see `ConditionTable`).
+    conditions: Vec<CompiledCondition>,
     /// Profile id → (feature index, enabled, value).
     identity_overrides: HashMap<String, Vec<(usize, bool, Value)>>,
 }
@@ -138,8 +140,18 @@ struct CompiledSegment {
 #[derive(Debug)]
 struct CompiledRule {
     rule_type: RuleType,
-    conditions: Vec<CompiledCondition>,
+    /// Indices into `Evaluator::conditions`, cheapest first.
+    conditions: Vec<usize>,
     rules: Vec<CompiledRule>,
+}
+
+/// The distinct conditions of all segments: one that several segments share (the same property,
+/// operator and value) is evaluated once per evaluation. A percentage split hashes its segment's
+/// id, so splits are shared only within a segment.
+#[derive(Debug, Default)]
+struct ConditionTable {
+    conditions: Vec<CompiledCondition>,
+    index: HashMap<String, usize>,
 }
 
 #[derive(Debug)]
@@ -267,12 +279,14 @@ impl Evaluator {
     pub fn compile(config: &FlagConfig) -> Result<Evaluator, CompileError> {
         let mut segments: Vec<CompiledSegment> = Vec::with_capacity(config.segments.len());
         let mut trait_slots = Vec::new();
+        let mut table = ConditionTable::default();
         for segment in &config.segments {
+            let segment_key = segment.id.to_string();
             let rules = segment
                 .definition
                 .rules
                 .iter()
-                .map(|rule| compile_rule(rule, &mut trait_slots))
+                .map(|rule| compile_rule(rule, &segment_key, &mut trait_slots, &mut table))
                 .collect::<Result<Vec<_>, _>>()?;
             segments.push(CompiledSegment {
                 id: segment.id,
@@ -332,6 +346,7 @@ impl Evaluator {
             segments,
             features,
             trait_slots,
+            conditions: table.conditions,
             identity_overrides,
         })
     }
@@ -405,6 +420,8 @@ struct Scope<'s, 'i> {
     identity_key: Option<&'s str>,
     /// The mapped value of each trait slot.
     traits: Vec<Option<ContextValue<'i>>>,
+    /// Each distinct condition's verdict once known (0 unknown, 1 false, 2 true).
+    verdicts: Vec<std::cell::Cell<u8>>,
 }
 
 impl<'s, 'i> Scope<'s, 'i> {
@@ -417,7 +434,8 @@ impl<'s, 'i> Scope<'s, 'i> {
                 .collect(),
             None => Vec::new(),
         };
-        Scope { evaluator, identity, identity_key, traits }
+        let verdicts = (0..evaluator.conditions.len()).map(|_| std::cell::Cell::new(0)).collect();
+        Scope { evaluator, identity, identity_key, traits, verdicts }
     }
 
     fn in_segment(&self, segment: &CompiledSegment) -> bool {
@@ -426,10 +444,7 @@ impl<'s, 'i> Scope<'s, 'i> {
 
     fn rule_matches(&self, rule: &CompiledRule, segment_key: &str) -> bool {
         let conditions_match = rule.conditions.is_empty()
-            || combine(
-                rule.rule_type,
-                rule.conditions.iter().map(|condition| self.condition_matches(condition, segment_key)),
-            );
+            || combine(rule.rule_type, rule.conditions.iter().map(|index| self.verdict(*index, segment_key)));
         conditions_match
             && (rule.rules.is_empty()
                 || combine(rule.rule_type, rule.rules.iter().map(|sub_rule| self.rule_matches(sub_rule, segment_key))))
@@ -457,6 +472,19 @@ impl<'s, 'i> Scope<'s, 'i> {
                         scalar => ContextValue::from_json(scalar),
                     },
                 }
+            }
+        }
+    }
+
+    /// A condition's verdict, computed the first time any segment asks for it.
+    fn verdict(&self, index: usize, segment_key: &str) -> bool {
+        match self.verdicts[index].get() {
+            1 => false,
+            2 => true,
+            _ => {
+                let matched = self.condition_matches(&self.evaluator.conditions[index], segment_key);
+                self.verdicts[index].set(1 + u8::from(matched));
+                matched
             }
         }
     }
@@ -641,18 +669,43 @@ pub fn hashed_percentage(ids: &[&str]) -> f64 {
     }
 }
 
-fn compile_rule(rule: &SegmentRule, trait_slots: &mut Vec<String>) -> Result<CompiledRule, CompileError> {
+fn compile_rule(
+    rule: &SegmentRule,
+    segment_key: &str,
+    trait_slots: &mut Vec<String>,
+    table: &mut ConditionTable,
+) -> Result<CompiledRule, CompileError> {
     let mut conditions = Vec::with_capacity(rule.conditions.len());
     for condition in &rule.conditions {
-        conditions.push(CompiledCondition {
-            source: compile_source(&condition.property, condition.operator, trait_slots),
-            matcher: compile_matcher(condition.operator, &condition.value)?,
-        });
+        let split = condition.operator == Operator::PercentageSplit;
+        let key = format!(
+            "{}\u{1}{:?}\u{1}{}\u{1}{}",
+            condition.property,
+            condition.operator,
+            condition.value,
+            if split { segment_key } else { "" }
+        );
+        let index = match table.index.get(&key) {
+            Some(index) => *index,
+            None => {
+                table.conditions.push(CompiledCondition {
+                    source: compile_source(&condition.property, condition.operator, trait_slots),
+                    matcher: compile_matcher(condition.operator, &condition.value)?,
+                });
+                table.index.insert(key, table.conditions.len() - 1);
+                table.conditions.len() - 1
+            }
+        };
+        conditions.push(index);
     }
     // Conditions are pure, so any order gives the same answer; cheap ones first lets ALL, ANY
     // and NONE stop before a regex or a hash is needed.
-    conditions.sort_by_key(|condition| condition.matcher.cost());
-    let rules = rule.rules.iter().map(|sub_rule| compile_rule(sub_rule, trait_slots)).collect::<Result<_, _>>()?;
+    conditions.sort_by_key(|index| table.conditions[*index].matcher.cost());
+    let rules = rule
+        .rules
+        .iter()
+        .map(|sub_rule| compile_rule(sub_rule, segment_key, trait_slots, table))
+        .collect::<Result<_, _>>()?;
     Ok(CompiledRule { rule_type: rule.rule_type, conditions, rules })
 }
 
