@@ -116,3 +116,24 @@ fn base64_encode(text: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(text)
 }
+
+#[tokio::test]
+async fn segment_identify_reads_context_traits_and_original_timestamps() {
+    let server = TestServer::start().await;
+    let basic = format!("Basic {}", base64_encode(&format!("{}:", server.keys.client_key)));
+    // analytics.js puts traits in `context.traits` on some calls and sends `originalTimestamp`.
+    let message = json!({ "userId": "ctx", "context": { "traits": { "plan": "pro" } },
+        "originalTimestamp": "2026-01-02T03:04:05.000Z" });
+    let response = server
+        .http
+        .post(server.url("/v1/identify"))
+        .header("Authorization", &basic)
+        .json(&message)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let profile = server.profile_of_user("ctx").await;
+    assert_eq!(profile["traits"], json!({ "plan": "pro" }));
+    assert_eq!(profile["trait_timestamps"]["plan"], "2026-01-02T03:04:05Z");
+}
