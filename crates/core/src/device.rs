@@ -20,6 +20,20 @@ pub struct DeviceUpdate {
 }
 
 impl DeviceUpdate {
+    /// The device's attributes after this update, given what was stored (`None` for a new
+    /// device or one changing hands, which starts afresh): the update is a patch, `null` deletes.
+    pub fn merged_attributes(&self, stored: Option<Map<String, Value>>) -> Map<String, Value> {
+        let mut attributes = stored.unwrap_or_default();
+        for (key, value) in &self.attributes {
+            if value.is_null() {
+                attributes.remove(key);
+            } else {
+                attributes.insert(key.clone(), value.clone());
+            }
+        }
+        attributes
+    }
+
     /// Validates a device write's token and attributes.
     pub fn new(
         token: String,

@@ -55,6 +55,19 @@ pub struct FlagConfig {
     pub identity_overrides: Vec<IdentityOverrideConfig>,
 }
 
+impl FlagConfig {
+    /// A feature that overrides the segment, if any (a segment in use cannot be deleted).
+    pub fn feature_overriding(&self, segment_id: i64) -> Option<&FeatureConfig> {
+        self.features.iter().find(|feature| {
+            feature
+                .definition
+                .segment_overrides
+                .iter()
+                .any(|segment_override| segment_override.segment_id == segment_id)
+        })
+    }
+}
+
 /// The identity flags are evaluated for.
 #[derive(Debug, Clone, Copy)]
 pub struct Identity<'a> {

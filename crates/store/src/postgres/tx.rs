@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use postgres::types::ToSql;
 use postgres::{Row, Statement, Transaction};
 use roster_core::{DeviceUpdate, IdentifierKind, Timestamp};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::model::{Device, EnvironmentId, Profile};
 use crate::resolution::{EventWrite, IdentityTx, ProfileWrite, SeenMessage, StoredProfile};
@@ -506,18 +506,11 @@ impl IdentityTx for PgTx<'_> {
         )?;
         // A token changing hands starts afresh: what the previous owner's app recorded is theirs.
         let changes_hands = existing.as_ref().is_some_and(|row| row.get::<_, &str>(0) != profile_id);
-        let (mut attributes, created_at) = match &existing {
-            Some(row) if !changes_hands => (parse_object(row.get(1), &device.token)?, row.get::<_, i64>(2)),
-            _ => (Map::new(), at.as_micros()),
+        let (stored, created_at) = match &existing {
+            Some(row) if !changes_hands => (Some(parse_object(row.get(1), &device.token)?), row.get::<_, i64>(2)),
+            _ => (None, at.as_micros()),
         };
-        for (key, value) in &device.attributes {
-            if value.is_null() {
-                attributes.remove(key);
-            } else {
-                attributes.insert(key.clone(), value.clone());
-            }
-        }
-        let attributes = Value::Object(attributes).to_string();
+        let attributes = Value::Object(device.merged_attributes(stored)).to_string();
         let last_used = device.mark_used.then_some(at.as_micros());
         self.execute(
             "INSERT INTO devices (environment_id, token, profile_id, platform, attributes, last_used, last_status, \

@@ -127,9 +127,7 @@ pub(super) fn delete_segment(
     segment_id: i64,
 ) -> StoreResult<Result<bool, FieldError>> {
     let record = flag_config(connection, environment_id)?;
-    if let Some(feature) = record.config.features.iter().find(|feature| {
-        feature.definition.segment_overrides.iter().any(|segment_override| segment_override.segment_id == segment_id)
-    }) {
+    if let Some(feature) = record.config.feature_overriding(segment_id) {
         return Ok(Err(FieldError::new(
             ErrorCode::SegmentInUse,
             "segment_id",

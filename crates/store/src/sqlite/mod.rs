@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use roster_core::flags::{FeatureDefinition, IdentityOverride, SegmentDefinition};
 use roster_core::{DeviceUpdate, ErrorCode, FieldError, IdentifierKind, IdentifyCommand, Timestamp, TrackCommand};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::model::{
@@ -810,20 +810,13 @@ impl IdentityTx for SqliteIdentityTx<'_> {
             .optional()?;
         // A token changing hands starts afresh: what the previous owner's app recorded is theirs.
         let changes_hands = existing.as_ref().is_some_and(|(owner, _, _)| owner != profile_id);
-        let (mut attributes, created_at) = match existing {
+        let (stored, created_at) = match existing {
             Some((_, attributes, created_at)) if !changes_hands => {
-                (parse_object(&attributes, &device.token)?, created_at)
+                (Some(parse_object(&attributes, &device.token)?), created_at)
             }
-            _ => (Map::new(), at.as_micros()),
+            _ => (None, at.as_micros()),
         };
-        for (key, value) in &device.attributes {
-            if value.is_null() {
-                attributes.remove(key);
-            } else {
-                attributes.insert(key.clone(), value.clone());
-            }
-        }
-        let attributes = Value::Object(attributes).to_string();
+        let attributes = Value::Object(device.merged_attributes(stored)).to_string();
         self.connection
             .prepare_cached(
                 "INSERT INTO devices (environment_id, token, profile_id, platform, attributes, last_used, last_status, \
