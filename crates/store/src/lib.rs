@@ -6,6 +6,7 @@
 //! [`resolution::IdentityTx`] interface each backend implements inside its own transaction; the
 //! decisions themselves are pure functions of `roster-core`.
 
+mod flag_errors;
 pub mod model;
 pub mod postgres;
 pub mod resolution;

@@ -5,9 +5,10 @@ use roster_core::flags::{
     FeatureConfig, FeatureDefinition, FlagConfig, IdentityOverride, IdentityOverrideConfig, SegmentConfig,
     SegmentDefinition,
 };
-use roster_core::{ErrorCode, FieldError, Timestamp};
+use roster_core::{FieldError, Timestamp};
 
 use super::PgTx;
+use crate::flag_errors;
 use crate::model::{EnvironmentId, FlagConfigRecord, MemberPage, SegmentMember};
 use crate::{StoreError, StoreResult};
 
@@ -91,11 +92,7 @@ pub(super) fn save_segment(
 ) -> StoreResult<Result<i64, FieldError>> {
     const TAKEN: &str = "SELECT 1 FROM segments WHERE environment_id = $1 AND name = $2 AND segment_id <> $3";
     if name_taken(tx, TAKEN, environment_id, &definition.name, segment_id)? {
-        return Ok(Err(FieldError::new(
-            ErrorCode::NameTaken,
-            "name",
-            format!("another segment is named `{}`", definition.name),
-        )));
+        return Ok(Err(flag_errors::name_taken("segment", &definition.name)));
     }
     let json = to_json(definition)?;
     let saved: Option<i64> = match segment_id {
@@ -116,7 +113,7 @@ pub(super) fn save_segment(
             .map(|row| row.get(0)),
     };
     let Some(saved) = saved else {
-        return Ok(Err(FieldError::new(ErrorCode::NotFound, "segment_id", "no such segment in this environment")));
+        return Ok(Err(flag_errors::segment_not_found()));
     };
     bump_version(tx, environment_id)?;
     Ok(Ok(saved))
@@ -129,11 +126,7 @@ pub(super) fn delete_segment(
 ) -> StoreResult<Result<bool, FieldError>> {
     let record = flag_config(tx, environment_id)?;
     if let Some(feature) = record.config.feature_overriding(segment_id) {
-        return Ok(Err(FieldError::new(
-            ErrorCode::SegmentInUse,
-            "segment_id",
-            format!("feature `{}` overrides this segment; remove the override first", feature.definition.name),
-        )));
+        return Ok(Err(flag_errors::segment_in_use(&feature.definition.name)));
     }
     let deleted = tx.execute(
         "DELETE FROM segments WHERE environment_id = $1 AND segment_id = $2",
@@ -165,20 +158,12 @@ pub(super) fn save_feature(
             )?
             .is_some();
         if !exists {
-            return Ok(Err(FieldError::new(
-                ErrorCode::InvalidFeature,
-                format!("segment_overrides[{index}].segment_id"),
-                format!("no segment {} in this environment", segment_override.segment_id),
-            )));
+            return Ok(Err(flag_errors::unknown_override_segment(index, segment_override.segment_id)));
         }
     }
     const TAKEN: &str = "SELECT 1 FROM features WHERE environment_id = $1 AND name = $2 AND feature_id <> $3";
     if name_taken(tx, TAKEN, environment_id, &definition.name, feature_id)? {
-        return Ok(Err(FieldError::new(
-            ErrorCode::NameTaken,
-            "name",
-            format!("another feature is named `{}`", definition.name),
-        )));
+        return Ok(Err(flag_errors::name_taken("feature", &definition.name)));
     }
     let json = to_json(definition)?;
     let saved: Option<i64> = match feature_id {
@@ -199,7 +184,7 @@ pub(super) fn save_feature(
             .map(|row| row.get(0)),
     };
     let Some(saved) = saved else {
-        return Ok(Err(FieldError::new(ErrorCode::NotFound, "feature_id", "no such feature in this environment")));
+        return Ok(Err(flag_errors::feature_not_found()));
     };
     bump_version(tx, environment_id)?;
     Ok(Ok(saved))
@@ -236,7 +221,7 @@ pub(super) fn put_identity_override(
         )?
         .is_some();
     if !exists {
-        return Ok(Err(FieldError::new(ErrorCode::NotFound, "feature_id", "no such feature in this environment")));
+        return Ok(Err(flag_errors::feature_not_found()));
     }
     tx.execute(
         "INSERT INTO identity_overrides (environment_id, profile_id, feature_id, enabled, value, updated_at) \

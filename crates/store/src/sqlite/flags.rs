@@ -6,9 +6,10 @@ use roster_core::flags::{
     FeatureConfig, FeatureDefinition, FlagConfig, IdentityOverride, IdentityOverrideConfig, SegmentConfig,
     SegmentDefinition,
 };
-use roster_core::{ErrorCode, FieldError, Timestamp};
+use roster_core::{FieldError, Timestamp};
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::flag_errors;
 use crate::model::{EnvironmentId, FlagConfigRecord, MemberPage, SegmentMember};
 use crate::{StoreError, StoreResult};
 
@@ -111,12 +112,8 @@ pub(super) fn save_segment(
             bump_version(connection, environment_id)?;
             Ok(Ok(segment_id))
         }
-        Ok(None) => Ok(Err(FieldError::new(ErrorCode::NotFound, "segment_id", "no such segment in this environment"))),
-        Err(error) if is_unique_violation(&error) => Ok(Err(FieldError::new(
-            ErrorCode::NameTaken,
-            "name",
-            format!("another segment is named `{}`", definition.name),
-        ))),
+        Ok(None) => Ok(Err(flag_errors::segment_not_found())),
+        Err(error) if is_unique_violation(&error) => Ok(Err(flag_errors::name_taken("segment", &definition.name))),
         Err(error) => Err(error.into()),
     }
 }
@@ -128,11 +125,7 @@ pub(super) fn delete_segment(
 ) -> StoreResult<Result<bool, FieldError>> {
     let record = flag_config(connection, environment_id)?;
     if let Some(feature) = record.config.feature_overriding(segment_id) {
-        return Ok(Err(FieldError::new(
-            ErrorCode::SegmentInUse,
-            "segment_id",
-            format!("feature `{}` overrides this segment; remove the override first", feature.definition.name),
-        )));
+        return Ok(Err(flag_errors::segment_in_use(&feature.definition.name)));
     }
     let deleted = connection
         .prepare_cached("DELETE FROM segments WHERE environment_id = ?1 AND segment_id = ?2")?
@@ -159,11 +152,7 @@ pub(super) fn save_feature(
             .prepare_cached("SELECT 1 FROM segments WHERE environment_id = ?1 AND segment_id = ?2")?
             .exists(params![environment_id, segment_override.segment_id])?;
         if !exists {
-            return Ok(Err(FieldError::new(
-                ErrorCode::InvalidFeature,
-                format!("segment_overrides[{index}].segment_id"),
-                format!("no segment {} in this environment", segment_override.segment_id),
-            )));
+            return Ok(Err(flag_errors::unknown_override_segment(index, segment_override.segment_id)));
         }
     }
     let json = to_json(definition)?;
@@ -188,12 +177,8 @@ pub(super) fn save_feature(
             bump_version(connection, environment_id)?;
             Ok(Ok(feature_id))
         }
-        Ok(None) => Ok(Err(FieldError::new(ErrorCode::NotFound, "feature_id", "no such feature in this environment"))),
-        Err(error) if is_unique_violation(&error) => Ok(Err(FieldError::new(
-            ErrorCode::NameTaken,
-            "name",
-            format!("another feature is named `{}`", definition.name),
-        ))),
+        Ok(None) => Ok(Err(flag_errors::feature_not_found())),
+        Err(error) if is_unique_violation(&error) => Ok(Err(flag_errors::name_taken("feature", &definition.name))),
         Err(error) => Err(error.into()),
     }
 }
@@ -232,7 +217,7 @@ pub(super) fn put_identity_override(
     at: Timestamp,
 ) -> StoreResult<Result<(), FieldError>> {
     if !feature_exists(connection, environment_id, feature_id)? {
-        return Ok(Err(FieldError::new(ErrorCode::NotFound, "feature_id", "no such feature in this environment")));
+        return Ok(Err(flag_errors::feature_not_found()));
     }
     connection
         .prepare_cached(
