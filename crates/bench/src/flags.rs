@@ -22,7 +22,7 @@ pub struct FlagsOptions {
     #[arg(long, default_value_t = 200)]
     rounds: usize,
     /// Passes over the identities with the reference engine (it is slower).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 5)]
     reference_rounds: usize,
     /// A Python with `flagsmith-flag-engine` installed; without one only Roster is measured.
     #[arg(long, env = "ROSTER_FLAG_ENGINE_PYTHON")]
@@ -130,13 +130,15 @@ pub fn flags_bench(options: &FlagsOptions) -> anyhow::Result<()> {
         for (identifier, traits) in &identities {
             let identity = Identity { identifier, profile_id: Some(identifier), traits, transient_traits: None };
             let evaluation = evaluator.evaluate(Some(&identity));
-            enabled += evaluation.flags.iter().filter(|flag| flag.enabled).count() + evaluation.segments.len();
+            enabled += evaluation.flags.iter().filter(|flag| flag.enabled()).count() + evaluation.segments.len();
         }
         batch_nanos.push(batch_started.elapsed().as_nanos() as f64 / options.identities as f64);
     }
     let evaluations = options.rounds * options.identities;
-    let roster_us = started.elapsed().as_secs_f64() * 1e6 / evaluations as f64;
+    let roster_mean_us = started.elapsed().as_secs_f64() * 1e6 / evaluations as f64;
     batch_nanos.sort_by(f64::total_cmp);
+    // Each side is summed up by its median pass, which a noisy neighbour moves least.
+    let roster_us = batch_nanos[batch_nanos.len() / 2] / 1000.0;
     let p99_batch_us = batch_nanos[(batch_nanos.len() * 99 / 100).min(batch_nanos.len() - 1)] / 1000.0;
 
     println!();
@@ -146,7 +148,7 @@ pub fn flags_bench(options: &FlagsOptions) -> anyhow::Result<()> {
     );
     println!("compile once per configuration change:   {:>10.1} µs", compile_time.as_secs_f64() * 1e6);
     println!(
-        "roster evaluator, all flags per identity: {roster_us:>10.2} µs   (slowest pass {p99_batch_us:.2} µs/identity; {evaluations} evaluations, checksum {enabled})"
+        "roster evaluator, all flags per identity: {roster_us:>10.2} µs   (median pass; mean {roster_mean_us:.2}, slowest pass {p99_batch_us:.2}; {evaluations} evaluations, checksum {enabled})"
     );
     println!("target < 5 µs per identity:               {}", if roster_us < 5.0 { "met" } else { "NOT met" });
 
@@ -173,15 +175,17 @@ pub fn flags_bench(options: &FlagsOptions) -> anyhow::Result<()> {
         bail!("the reference engine failed");
     }
     let answer: Value = serde_json::from_slice(&output.stdout).context("reference answer")?;
-    let reference_us = answer["per_evaluation_us"].as_f64().context("per_evaluation_us")?;
+    let reference_us = answer["median_us"].as_f64().context("median_us")?;
+    let reference_mean_us = answer["mean_us"].as_f64().context("mean_us")?;
     let speedup = reference_us / roster_us;
     println!(
-        "reference engine (flagsmith-flag-engine): {reference_us:>10.2} µs   ({} evaluations)",
+        "reference engine (flagsmith-flag-engine): {reference_us:>10.2} µs   (median pass; mean {reference_mean_us:.2}; {} evaluations)",
         answer["evaluations"]
     );
     println!(
         "speed-up roster / reference:              {speedup:>10.0}×   (target ≥ 200×: {})",
         if speedup >= 200.0 { "met" } else { "NOT met" }
     );
+    println!("speed-up by the means instead:            {:>10.0}×", reference_mean_us / roster_mean_us);
     Ok(())
 }

@@ -503,12 +503,12 @@ fn answer(
             .flags
             .iter()
             .map(|flag| FlagAnswer {
-                feature_id: flag.feature_id,
-                feature: flag.name.to_owned(),
-                enabled: flag.enabled,
-                value: flag.value.clone(),
-                variant: flag.variant.map(str::to_owned),
-                reason: reason_text(flag.reason),
+                feature_id: flag.feature_id(),
+                feature: flag.name().to_owned(),
+                enabled: flag.enabled(),
+                value: flag.value().clone(),
+                variant: flag.variant().map(str::to_owned),
+                reason: reason_text(flag.reason()),
             })
             .collect(),
         segments: evaluation

@@ -15,6 +15,7 @@ use std::collections::{HashMap, HashSet};
 
 use md5::{Digest, Md5};
 use serde_json::{Map, Value};
+use smallvec::SmallVec;
 
 use super::definition::{
     CONTEXT_PATHS, FeatureDefinition, IdentityOverride, Operator, RuleType, SEMVER_SUFFIX, SegmentDefinition,
@@ -105,16 +106,74 @@ pub enum Reason<'e> {
     Static,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// One flag of an evaluation: two references into the evaluator (the feature, and which of its
+/// states, all prepared when compiling, is served), so an answer of 50 flags is 800 bytes.
+#[derive(Debug, Clone, Copy)]
 pub struct FlagState<'e> {
-    pub feature_id: i64,
-    pub name: &'e str,
-    pub enabled: bool,
-    pub value: &'e Value,
+    feature: &'e CompiledFeature,
+    served: &'e ServedState,
+}
+
+impl<'e> FlagState<'e> {
+    pub fn feature_id(&self) -> i64 {
+        self.feature.id
+    }
+
+    pub fn name(&self) -> &'e str {
+        &self.feature.name
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.served.enabled
+    }
+
+    pub fn value(&self) -> &'e Value {
+        &self.served.value
+    }
+
     /// The multivariate option served (`"control"` when the identity fell in the remainder);
     /// `None` for features without options, overrides, and evaluations without an identity.
-    pub variant: Option<&'e str>,
-    pub reason: Reason<'e>,
+    pub fn variant(&self) -> Option<&'e str> {
+        self.served.variant.as_deref()
+    }
+
+    pub fn reason(&self) -> Reason<'e> {
+        match &self.served.reason {
+            ServedReason::IdentityOverride => Reason::IdentityOverride,
+            ServedReason::TargetingMatch { segment } => Reason::TargetingMatch { segment },
+            ServedReason::Split { weight } => Reason::Split { weight: *weight },
+            ServedReason::Default => Reason::Default,
+            ServedReason::Static => Reason::Static,
+        }
+    }
+}
+
+impl PartialEq for FlagState<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.feature_id() == other.feature_id()
+            && self.enabled() == other.enabled()
+            && self.value() == other.value()
+            && self.variant() == other.variant()
+            && self.reason() == other.reason()
+    }
+}
+
+/// A state a feature can be served in, built when compiling.
+#[derive(Debug)]
+struct ServedState {
+    enabled: bool,
+    value: Value,
+    variant: Option<String>,
+    reason: ServedReason,
+}
+
+#[derive(Debug)]
+enum ServedReason {
+    IdentityOverride,
+    TargetingMatch { segment: String },
+    Split { weight: f64 },
+    Default,
+    Static,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -135,18 +194,21 @@ pub struct Evaluator {
     /// The distinct trait keys conditions read: each is looked up and mapped once per evaluation,
     /// however many conditions read it.
     trait_slots: Vec<String>,
+    /// `(key, slot)` sorted by key: an identity's traits (a sorted map) are matched to the slots
+    /// in one merge pass instead of one map search per slot.
+    sorted_trait_slots: Vec<(String, usize)>,
     /// Every distinct condition (see `ConditionTable`).
     conditions: Vec<CompiledCondition>,
-    /// Profile id → (feature index, enabled, value).
-    identity_overrides: HashMap<String, Vec<(usize, bool, Value)>>,
+    /// Profile id → (feature index, state served).
+    identity_overrides: HashMap<String, Vec<(usize, ServedState)>>,
 }
 
 #[derive(Debug)]
 struct CompiledSegment {
     id: i64,
     name: String,
-    /// The id as text: the first element of a percentage split's hash.
-    key: String,
+    /// `"{id},"`: how a percentage split's hashed text starts.
+    hash_prefix: String,
     rules: Vec<CompiledRule>,
 }
 
@@ -271,15 +333,16 @@ impl InSet {
 struct CompiledFeature {
     id: i64,
     name: String,
-    /// The id as text: the first element of a multivariate bucket's hash.
-    key: String,
-    enabled: bool,
-    value: Value,
-    variants: Vec<(String, Value, f64)>,
-    /// (segment index, priority, enabled, value), by precedence: priority, then segment order.
-    overrides: Vec<(usize, i64, bool, Value)>,
-    /// Whether any segment overrides it (`DEFAULT` rather than `STATIC` when none matched).
-    targeted: bool,
+    /// `"{id},"`: how a multivariate bucket's hashed text starts.
+    hash_prefix: String,
+    /// The default: `DEFAULT` when some segment overrides the feature, else `STATIC`.
+    fallback: ServedState,
+    /// The default when the identity falls in no variant's range (variant `"control"`).
+    control: ServedState,
+    /// (weight, state) per multivariate option, in order.
+    variants: Vec<(f64, ServedState)>,
+    /// (segment index, state), by precedence: priority, then segment order.
+    overrides: Vec<(usize, ServedState)>,
 }
 
 /// A configuration the evaluator cannot compile; save-time validation makes this unreachable
@@ -294,17 +357,17 @@ impl Evaluator {
         let mut trait_slots = Vec::new();
         let mut table = ConditionTable::default();
         for segment in &config.segments {
-            let segment_key = segment.id.to_string();
+            let hash_prefix = format!("{},", segment.id);
             let rules = segment
                 .definition
                 .rules
                 .iter()
-                .map(|rule| compile_rule(rule, &segment_key, &mut trait_slots, &mut table))
+                .map(|rule| compile_rule(rule, &hash_prefix, &mut trait_slots, &mut table))
                 .collect::<Result<Vec<_>, _>>()?;
             segments.push(CompiledSegment {
                 id: segment.id,
                 name: segment.definition.name.clone(),
-                key: segment.id.to_string(),
+                hash_prefix,
                 rules,
             });
         }
@@ -317,40 +380,62 @@ impl Evaluator {
             for segment_override in &definition.segment_overrides {
                 // An override of a deleted segment matches nobody.
                 if let Some(index) = segment_index.get(&segment_override.segment_id) {
-                    overrides.push((
-                        *index,
-                        segment_override.priority,
-                        segment_override.enabled,
-                        segment_override.value.clone(),
-                    ));
+                    overrides.push((*index, segment_override));
                 }
             }
-            overrides.sort_by_key(|(index, priority, _, _)| (*priority, *index));
+            overrides.sort_by_key(|(index, segment_override)| (segment_override.priority, *index));
+            let fallback_reason = || if overrides.is_empty() { ServedReason::Static } else { ServedReason::Default };
+            let default_state = |variant: Option<&str>| ServedState {
+                enabled: definition.enabled,
+                value: definition.value.clone(),
+                variant: variant.map(str::to_owned),
+                reason: fallback_reason(),
+            };
             features.push(CompiledFeature {
                 id: feature.id,
                 name: definition.name.clone(),
-                key: feature.id.to_string(),
-                enabled: definition.enabled,
-                value: definition.value.clone(),
+                hash_prefix: format!("{},", feature.id),
+                fallback: default_state(None),
+                control: default_state(Some("control")),
                 variants: definition
                     .variants
                     .iter()
-                    .map(|variant| (variant.key.clone(), variant.value.clone(), variant.weight))
+                    .map(|variant| {
+                        let state = ServedState {
+                            enabled: definition.enabled,
+                            value: variant.value.clone(),
+                            variant: Some(variant.key.clone()),
+                            reason: ServedReason::Split { weight: variant.weight },
+                        };
+                        (variant.weight, state)
+                    })
                     .collect(),
-                targeted: !overrides.is_empty(),
-                overrides,
+                overrides: overrides
+                    .iter()
+                    .map(|(index, segment_override)| {
+                        let state = ServedState {
+                            enabled: segment_override.enabled,
+                            value: segment_override.value.clone(),
+                            variant: None,
+                            reason: ServedReason::TargetingMatch { segment: segments[*index].name.clone() },
+                        };
+                        (*index, state)
+                    })
+                    .collect(),
             });
         }
         let feature_index: HashMap<i64, usize> =
             features.iter().enumerate().map(|(index, feature)| (feature.id, index)).collect();
-        let mut identity_overrides: HashMap<String, Vec<(usize, bool, Value)>> = HashMap::new();
+        let mut identity_overrides: HashMap<String, Vec<(usize, ServedState)>> = HashMap::new();
         for identity_override in &config.identity_overrides {
             if let Some(index) = feature_index.get(&identity_override.feature_id) {
-                identity_overrides.entry(identity_override.profile_id.clone()).or_default().push((
-                    *index,
-                    identity_override.state.enabled,
-                    identity_override.state.value.clone(),
-                ));
+                let state = ServedState {
+                    enabled: identity_override.state.enabled,
+                    value: identity_override.state.value.clone(),
+                    variant: None,
+                    reason: ServedReason::IdentityOverride,
+                };
+                identity_overrides.entry(identity_override.profile_id.clone()).or_default().push((*index, state));
             }
         }
         Ok(Evaluator {
@@ -358,6 +443,12 @@ impl Evaluator {
             environment_name: config.environment_name.clone(),
             segments,
             features,
+            sorted_trait_slots: {
+                let mut sorted: Vec<(String, usize)> =
+                    trait_slots.iter().enumerate().map(|(slot, key)| (key.clone(), slot)).collect();
+                sorted.sort();
+                sorted
+            },
             trait_slots,
             conditions: table.conditions,
             identity_overrides,
@@ -367,9 +458,10 @@ impl Evaluator {
     /// Every flag, and the segments the identity is in. Without an identity: the defaults, with
     /// overrides of segments that match on the environment alone.
     pub fn evaluate(&self, identity: Option<&Identity<'_>>) -> Evaluation<'_> {
-        let identity_key = identity.map(|identity| format!("{}_{}", self.environment_key, identity.identifier));
-        let scope = Scope::new(self, identity, identity_key.as_deref());
-        let matched: Vec<bool> = self.segments.iter().map(|segment| scope.in_segment(segment)).collect();
+        let identity_key = identity.map(|identity| IdentityKey::new(&self.environment_key, identity.identifier));
+        let scope = Scope::new(self, identity, identity_key.as_ref().map(IdentityKey::as_str));
+        let matched: SmallVec<[bool; INLINE_SEGMENTS]> =
+            self.segments.iter().map(|segment| scope.in_segment(segment)).collect();
         let overridden = identity
             .and_then(|identity| identity.profile_id)
             .and_then(|profile_id| self.identity_overrides.get(profile_id));
@@ -378,42 +470,29 @@ impl Evaluator {
             .iter()
             .enumerate()
             .map(|(index, feature)| {
-                let overridden_state = |enabled: bool, value, reason| FlagState {
-                    feature_id: feature.id,
-                    name: &feature.name,
-                    enabled,
-                    value,
-                    variant: None,
-                    reason,
-                };
-                if let Some((_, enabled, value)) = overridden
-                    .and_then(|overrides| overrides.iter().find(|(feature_index, _, _)| *feature_index == index))
-                {
-                    return overridden_state(*enabled, value, Reason::IdentityOverride);
-                }
-                if let Some((segment_index, _, enabled, value)) =
-                    feature.overrides.iter().find(|(segment_index, _, _, _)| matched[*segment_index])
-                {
-                    let segment = &self.segments[*segment_index].name;
-                    return overridden_state(*enabled, value, Reason::TargetingMatch { segment });
-                }
-                scope.default_state(feature)
+                let served = overridden
+                    .and_then(|overrides| overrides.iter().find(|(feature_index, _)| *feature_index == index))
+                    .or_else(|| feature.overrides.iter().find(|(segment_index, _)| matched[*segment_index]))
+                    .map(|(_, state)| state)
+                    .unwrap_or_else(|| scope.default_state(feature));
+                FlagState { feature, served }
             })
             .collect();
-        let segments = self
-            .segments
-            .iter()
-            .zip(&matched)
-            .filter(|(_, matched)| **matched)
-            .map(|(segment, _)| (segment.id, segment.name.as_str()))
-            .collect();
+        let mut segments = Vec::with_capacity(matched.iter().filter(|matched| **matched).count());
+        segments.extend(
+            self.segments
+                .iter()
+                .zip(&matched)
+                .filter(|(_, matched)| **matched)
+                .map(|(segment, _)| (segment.id, segment.name.as_str())),
+        );
         Evaluation { flags, segments }
     }
 
     /// The ids of the segments an identity is in (for membership tracking).
     pub fn segment_ids_of(&self, identity: &Identity<'_>) -> Vec<i64> {
-        let identity_key = format!("{}_{}", self.environment_key, identity.identifier);
-        let scope = Scope::new(self, Some(identity), Some(&identity_key));
+        let identity_key = IdentityKey::new(&self.environment_key, identity.identifier);
+        let scope = Scope::new(self, Some(identity), Some(identity_key.as_str()));
         self.segments.iter().filter(|segment| scope.in_segment(segment)).map(|segment| segment.id).collect()
     }
 
@@ -426,44 +505,109 @@ impl Evaluator {
     }
 }
 
+/// Sizes up to which an evaluation's scratch space stays on the stack: an evaluation allocates
+/// nothing but its answer in environments of this size.
+const INLINE_SEGMENTS: usize = 64;
+const INLINE_TRAIT_SLOTS: usize = 16;
+const INLINE_CONDITIONS: usize = 128;
+
+/// `"{environment key}_{identifier}"`.
+struct IdentityKey(String);
+
+impl IdentityKey {
+    fn new(environment_key: &str, identifier: &str) -> IdentityKey {
+        let mut key = String::with_capacity(environment_key.len() + 1 + identifier.len());
+        key.push_str(environment_key);
+        key.push('_');
+        key.push_str(identifier);
+        IdentityKey(key)
+    }
+
+    fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Evaluator {
+    /// Maps the traits the conditions read into their slots, walking the traits (a sorted map)
+    /// and the sorted slot keys side by side.
+    fn fill_trait_slots<'i>(&self, traits: &'i Map<String, Value>, slots: &mut [Option<ContextValue<'i>>]) {
+        let mut wanted = self.sorted_trait_slots.iter().peekable();
+        let mut previous_key: Option<&str> = None;
+        for (key, value) in traits {
+            // A map in insertion order (serde_json's `preserve_order`) cannot be merged.
+            if previous_key.is_some_and(|previous| previous > key.as_str()) {
+                for (slot_key, slot) in &self.sorted_trait_slots {
+                    if let Some(value) = traits.get(slot_key) {
+                        slots[*slot] = ContextValue::from_json(value);
+                    }
+                }
+                return;
+            }
+            previous_key = Some(key);
+            while let Some((slot_key, slot)) = wanted.peek() {
+                match slot_key.as_str().cmp(key.as_str()) {
+                    std::cmp::Ordering::Less => {
+                        wanted.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        slots[*slot] = ContextValue::from_json(value);
+                        wanted.next();
+                        break;
+                    }
+                    std::cmp::Ordering::Greater => break,
+                }
+            }
+            if wanted.peek().is_none() {
+                return;
+            }
+        }
+    }
+}
+
 /// One evaluation's inputs.
 struct Scope<'s, 'i> {
     evaluator: &'s Evaluator,
     identity: Option<&'s Identity<'i>>,
     identity_key: Option<&'s str>,
     /// The mapped value of each trait slot.
-    traits: Vec<Option<ContextValue<'i>>>,
+    traits: SmallVec<[Option<ContextValue<'i>>; INLINE_TRAIT_SLOTS]>,
     /// Each distinct condition's verdict once known (0 unknown, 1 false, 2 true).
-    verdicts: Vec<std::cell::Cell<u8>>,
+    verdicts: SmallVec<[std::cell::Cell<u8>; INLINE_CONDITIONS]>,
 }
 
 impl<'s, 'i> Scope<'s, 'i> {
     fn new(evaluator: &'s Evaluator, identity: Option<&'s Identity<'i>>, identity_key: Option<&'s str>) -> Self {
-        let traits = match identity {
-            Some(identity) => evaluator
-                .trait_slots
-                .iter()
-                .map(|key| identity.trait_value(key).and_then(ContextValue::from_json))
-                .collect(),
-            None => Vec::new(),
-        };
-        let verdicts = (0..evaluator.conditions.len()).map(|_| std::cell::Cell::new(0)).collect();
+        let mut traits: SmallVec<[Option<ContextValue<'i>>; INLINE_TRAIT_SLOTS]> = SmallVec::new();
+        if let Some(identity) = identity {
+            traits.resize(evaluator.trait_slots.len(), None);
+            evaluator.fill_trait_slots(identity.traits, &mut traits);
+            // Transient traits are read before the stored ones (a transient null hides one).
+            if let Some(transient) = identity.transient_traits {
+                evaluator.fill_trait_slots(transient, &mut traits);
+            }
+        }
+        let verdicts = SmallVec::from_elem(std::cell::Cell::new(0), evaluator.conditions.len());
         Scope { evaluator, identity, identity_key, traits, verdicts }
     }
 
     fn in_segment(&self, segment: &CompiledSegment) -> bool {
-        !segment.rules.is_empty() && segment.rules.iter().all(|rule| self.rule_matches(rule, &segment.key))
+        !segment.rules.is_empty() && segment.rules.iter().all(|rule| self.rule_matches(rule, &segment.hash_prefix))
     }
 
-    fn rule_matches(&self, rule: &CompiledRule, segment_key: &str) -> bool {
+    fn rule_matches(&self, rule: &CompiledRule, segment_hash_prefix: &str) -> bool {
         let conditions_match = rule.conditions.is_empty()
-            || combine(rule.rule_type, rule.conditions.iter().map(|index| self.verdict(*index, segment_key)));
+            || combine(rule.rule_type, rule.conditions.iter().map(|index| self.verdict(*index, segment_hash_prefix)));
         conditions_match
             && (rule.rules.is_empty()
-                || combine(rule.rule_type, rule.rules.iter().map(|sub_rule| self.rule_matches(sub_rule, segment_key))))
+                || combine(
+                    rule.rule_type,
+                    rule.rules.iter().map(|sub_rule| self.rule_matches(sub_rule, segment_hash_prefix)),
+                ))
     }
 
-    fn value_of(&self, source: &Source) -> Option<ContextValue<'_>> {
+    /// The value of a source other than a trait slot (those are read in place).
+    fn computed_value_of(&self, source: &Source) -> Option<ContextValue<'_>> {
         match source {
             Source::Trait(slot) => self.traits.get(*slot).cloned().flatten(),
             Source::IdentityKey => self.identity_key.map(|key| ContextValue::Text(std::borrow::Cow::Borrowed(key))),
@@ -490,64 +634,58 @@ impl<'s, 'i> Scope<'s, 'i> {
     }
 
     /// A condition's verdict, computed the first time any segment asks for it.
-    fn verdict(&self, index: usize, segment_key: &str) -> bool {
+    fn verdict(&self, index: usize, segment_hash_prefix: &str) -> bool {
         match self.verdicts[index].get() {
             1 => false,
             2 => true,
             _ => {
-                let matched = self.condition_matches(&self.evaluator.conditions[index], segment_key);
+                let matched = self.condition_matches(&self.evaluator.conditions[index], segment_hash_prefix);
                 self.verdicts[index].set(1 + u8::from(matched));
                 matched
             }
         }
     }
 
-    fn condition_matches(&self, condition: &CompiledCondition, segment_key: &str) -> bool {
-        let value = self.value_of(&condition.source);
+    fn condition_matches(&self, condition: &CompiledCondition, segment_hash_prefix: &str) -> bool {
+        let computed;
+        let value = match &condition.source {
+            Source::Trait(slot) => self.traits.get(*slot).and_then(Option::as_ref),
+            other => {
+                computed = self.computed_value_of(other);
+                computed.as_ref()
+            }
+        };
         match &condition.matcher {
             Matcher::IsSet => value.is_some(),
             Matcher::IsNotSet => value.is_none(),
-            Matcher::In(items) => match &value {
+            Matcher::In(items) => match value {
                 Some(ContextValue::Text(text)) => items.contains(text.as_ref()),
                 Some(ContextValue::Integer(integer)) => items.contains(&integer.to_string()),
                 _ => false,
             },
-            Matcher::PercentageSplit { threshold } => match &value {
-                Some(value) => hashed_percentage(&[segment_key, &value.python_str()]) <= *threshold,
+            Matcher::PercentageSplit { threshold } => match value {
+                Some(value) => percentage_after(segment_hash_prefix, &value.python_str()) <= *threshold,
                 None => false,
             },
-            matcher => value.is_some_and(|value| matches_value(matcher, &value)),
+            matcher => value.is_some_and(|value| matches_value(matcher, value)),
         }
     }
 
-    fn default_state<'e>(&self, feature: &'e CompiledFeature) -> FlagState<'e> {
-        let fallback = if feature.targeted { Reason::Default } else { Reason::Static };
-        let mut state = FlagState {
-            feature_id: feature.id,
-            name: &feature.name,
-            enabled: feature.enabled,
-            value: &feature.value,
-            variant: None,
-            reason: fallback,
-        };
-        let Some(identity_key) = self.identity_key else { return state };
+    fn default_state<'e>(&self, feature: &'e CompiledFeature) -> &'e ServedState {
+        let Some(identity_key) = self.identity_key else { return &feature.fallback };
         if feature.variants.is_empty() {
-            return state;
+            return &feature.fallback;
         }
-        state.variant = Some("control");
-        let percentage = hashed_percentage(&[&feature.key, identity_key]);
+        let percentage = percentage_after(&feature.hash_prefix, identity_key);
         let mut start = 0.0;
-        for (key, value, weight) in &feature.variants {
+        for (weight, state) in &feature.variants {
             let limit = weight + start;
             if start <= percentage && percentage < limit {
-                state.value = value;
-                state.variant = Some(key);
-                state.reason = Reason::Split { weight: *weight };
-                break;
+                return state;
             }
             start = limit;
         }
-        state
+        &feature.control
     }
 }
 
@@ -644,6 +782,41 @@ fn modulo_9999(value: u128) -> u64 {
     ((high % DIVISOR) * HIGH_WEIGHT + low % DIVISOR) % DIVISOR
 }
 
+/// [`hashed_percentage`] of `[id, value]`, given `"{id},"`: the hash evaluation runs ten times or
+/// more per identity, so its message is written once, already padded, straight into MD5 blocks
+/// on the stack and handed to the compression function (no hasher state, no buffering).
+fn percentage_after(prefix_with_comma: &str, value: &str) -> f64 {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        const BLOCK: usize = 64;
+        const MAX_BLOCKS: usize = 4;
+        let length = prefix_with_comma.len() + value.len();
+        // The message, a 0x80 byte, zeros, then its length in bits (8 bytes): MD5's padding.
+        let block_count = (length + 8) / BLOCK + 1;
+        if block_count <= MAX_BLOCKS {
+            let mut blocks = [[0u8; BLOCK]; MAX_BLOCKS];
+            let bytes = blocks.as_flattened_mut();
+            bytes[..prefix_with_comma.len()].copy_from_slice(prefix_with_comma.as_bytes());
+            bytes[prefix_with_comma.len()..length].copy_from_slice(value.as_bytes());
+            bytes[length] = 0x80;
+            let end = block_count * BLOCK;
+            bytes[end - 8..end].copy_from_slice(&((length as u64) * 8).to_le_bytes());
+            let mut state: [u32; 4] = [0x6745_2301, 0xefcd_ab89, 0x98ba_dcfe, 0x1032_5476];
+            md5_asm::compress(&mut state, &blocks[..block_count]);
+            let mut digest = [0u8; 16];
+            for (chunk, word) in digest.chunks_exact_mut(4).zip(state) {
+                chunk.copy_from_slice(&word.to_le_bytes());
+            }
+            let value = (modulo_9999(u128::from_be_bytes(digest)) as f64 / 9998.0) * 100.0;
+            if value != 100.0 {
+                return value;
+            }
+        }
+    }
+    let id = prefix_with_comma.strip_suffix(',').unwrap_or(prefix_with_comma);
+    hashed_percentage(&[id, value])
+}
+
 /// A number in [0, 100) from the md5 of the comma-joined ids; a result of exactly 100 hashes
 /// the ids repeated once more, as the reference does.
 pub fn hashed_percentage(ids: &[&str]) -> f64 {
@@ -684,7 +857,7 @@ pub fn hashed_percentage(ids: &[&str]) -> f64 {
 
 fn compile_rule(
     rule: &SegmentRule,
-    segment_key: &str,
+    segment_hash_prefix: &str,
     trait_slots: &mut Vec<String>,
     table: &mut ConditionTable,
 ) -> Result<CompiledRule, CompileError> {
@@ -696,7 +869,7 @@ fn compile_rule(
             condition.property,
             condition.operator,
             condition.value,
-            if split { segment_key } else { "" }
+            if split { segment_hash_prefix } else { "" }
         );
         let index = match table.index.get(&key) {
             Some(index) => *index,
@@ -717,7 +890,7 @@ fn compile_rule(
     let rules = rule
         .rules
         .iter()
-        .map(|sub_rule| compile_rule(sub_rule, segment_key, trait_slots, table))
+        .map(|sub_rule| compile_rule(sub_rule, segment_hash_prefix, trait_slots, table))
         .collect::<Result<_, _>>()?;
     Ok(CompiledRule { rule_type: rule.rule_type, conditions, rules })
 }
@@ -893,6 +1066,24 @@ mod tests {
         assert_eq!(hashed_percentage(&["12", "user-7"]), 55.78115623124626);
     }
 
+    proptest::proptest! {
+        /// The padded-block fast path hashes exactly what the general path (the `md-5` hasher
+        /// over the joined ids) hashes, on both sides of every block boundary.
+        #[test]
+        fn prepared_blocks_hash_like_the_hasher(id in 0u64..100_000_000, value in "\\PC{0,300}") {
+            let prefix = format!("{id},");
+            proptest::prop_assert_eq!(percentage_after(&prefix, &value), hashed_percentage(&[&id.to_string(), &value]));
+        }
+    }
+
+    #[test]
+    fn prepared_blocks_hash_like_the_hasher_at_block_boundaries() {
+        for length in 0..300 {
+            let value = "v".repeat(length);
+            assert_eq!(percentage_after("12,", &value), hashed_percentage(&["12", &value]), "value of {length} bytes");
+        }
+    }
+
     #[test]
     fn modulo_in_64_bit_steps_is_the_128_bit_modulo() {
         for value in [
@@ -943,7 +1134,7 @@ mod tests {
         let state = |profile_id: Option<&str>, traits: &Map<String, Value>| {
             let identity = Identity { identifier: "u", profile_id, traits, transient_traits: None };
             let evaluation = evaluator.evaluate(Some(&identity));
-            (evaluation.flags[0].enabled, evaluation.flags[0].value.clone())
+            (evaluation.flags[0].enabled(), evaluation.flags[0].value().clone())
         };
         assert_eq!(state(None, &traits("pro")), (true, json!("pro")), "lower priority number wins");
         assert_eq!(state(None, &traits("free")), (true, json!("everyone")));
@@ -954,9 +1145,9 @@ mod tests {
         let transient = traits("pro");
         let identity =
             Identity { identifier: "u", profile_id: None, traits: &stored, transient_traits: Some(&transient) };
-        assert_eq!(evaluator.evaluate(Some(&identity)).flags[0].value, &json!("pro"));
+        assert_eq!(evaluator.evaluate(Some(&identity)).flags[0].value(), &json!("pro"));
         // Without an identity: defaults (no variants, no trait-based segments).
-        assert_eq!(evaluator.evaluate(None).flags[0].value, &json!("default"));
+        assert_eq!(evaluator.evaluate(None).flags[0].value(), &json!("default"));
     }
 
     #[test]
@@ -973,7 +1164,7 @@ mod tests {
         let mut traits = Map::new();
         traits.insert("a".into(), json!(1));
         let identity = Identity { identifier: "u", profile_id: None, traits: &traits, transient_traits: None };
-        assert_eq!(evaluator.evaluate(Some(&identity)).flags[0].value, &json!("first"));
+        assert_eq!(evaluator.evaluate(Some(&identity)).flags[0].value(), &json!("first"));
     }
 
     #[test]
@@ -1004,12 +1195,12 @@ mod tests {
             } else {
                 "control"
             };
-            assert_eq!(flag.variant, Some(expected));
+            assert_eq!(flag.variant(), Some(expected));
             *counts.entry(expected).or_insert(0) += 1;
         }
         assert!((1000..1400).contains(&counts["a"]), "{counts:?}");
         assert!((600..1000).contains(&counts["b"]), "{counts:?}");
-        assert_eq!(evaluator.evaluate(None).flags[0].variant, None);
+        assert_eq!(evaluator.evaluate(None).flags[0].variant(), None);
     }
 
     #[test]

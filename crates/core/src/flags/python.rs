@@ -35,6 +35,10 @@ impl<'a> ContextValue<'a> {
     /// a float, anything else stays text.
     pub fn from_text(text: &'a str) -> ContextValue<'a> {
         let digits = text.strip_prefix('-').unwrap_or(text);
+        // Both number patterns start with a digit: most text is rejected at its first byte.
+        if !digits.bytes().next().is_some_and(|byte| byte.is_ascii_digit()) {
+            return ContextValue::Text(std::borrow::Cow::Borrowed(text));
+        }
         let all_digits = |part: &str| !part.is_empty() && part.bytes().all(|byte| byte.is_ascii_digit());
         if all_digits(digits) {
             return ContextValue::Integer(parse_saturating(text));

@@ -313,10 +313,10 @@ fn roster_flags_match_the_reference_engine() {
         let evaluation = evaluator.evaluate(identity.as_ref());
         let mut flags = Map::new();
         for flag in &evaluation.flags {
-            variants_served += usize::from(flag.variant.is_some_and(|variant| variant != "control"));
+            variants_served += usize::from(flag.variant().is_some_and(|variant| variant != "control"));
             flags.insert(
-                flag.name.to_owned(),
-                json!({ "enabled": flag.enabled, "value": flag.value, "variant": flag.variant }),
+                flag.name().to_owned(),
+                json!({ "enabled": flag.enabled(), "value": flag.value(), "variant": flag.variant() }),
             );
         }
         let segments: Vec<&str> = evaluation.segments.iter().map(|(_, name)| *name).collect();
