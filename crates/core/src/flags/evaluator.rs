@@ -459,41 +459,44 @@ impl Evaluator {
     /// overrides of segments that match on the environment alone.
     pub fn evaluate(&self, identity: Option<&Identity<'_>>) -> Evaluation<'_> {
         let identity_key = identity.map(|identity| IdentityKey::new(&self.environment_key, identity.identifier));
-        let scope = Scope::new(self, identity, identity_key.as_ref().map(IdentityKey::as_str));
-        let matched: SmallVec<[bool; INLINE_SEGMENTS]> =
-            self.segments.iter().map(|segment| scope.in_segment(segment)).collect();
-        let overridden = identity
-            .and_then(|identity| identity.profile_id)
-            .and_then(|profile_id| self.identity_overrides.get(profile_id));
-        let flags = self
-            .features
-            .iter()
-            .enumerate()
-            .map(|(index, feature)| {
-                let served = overridden
-                    .and_then(|overrides| overrides.iter().find(|(feature_index, _)| *feature_index == index))
-                    .or_else(|| feature.overrides.iter().find(|(segment_index, _)| matched[*segment_index]))
-                    .map(|(_, state)| state)
-                    .unwrap_or_else(|| scope.default_state(feature));
-                FlagState { feature, served }
-            })
-            .collect();
-        let mut segments = Vec::with_capacity(matched.iter().filter(|matched| **matched).count());
-        segments.extend(
-            self.segments
+        Scope::with(self, identity, identity_key.as_ref().map(IdentityKey::as_str), |scope| {
+            let mut matched: SmallVec<[bool; INLINE_SEGMENTS]> = SmallVec::from_elem(false, self.segments.len());
+            let mut segments = Vec::with_capacity(self.segments.len());
+            for (in_segment, segment) in matched.iter_mut().zip(&self.segments) {
+                *in_segment = scope.in_segment(segment);
+                if *in_segment {
+                    segments.push((segment.id, segment.name.as_str()));
+                }
+            }
+            let matched_segments: &[bool] = &matched;
+            let overridden = identity
+                .and_then(|identity| identity.profile_id)
+                .and_then(|profile_id| self.identity_overrides.get(profile_id));
+            let flags = self
+                .features
                 .iter()
-                .zip(&matched)
-                .filter(|(_, matched)| **matched)
-                .map(|(segment, _)| (segment.id, segment.name.as_str())),
-        );
-        Evaluation { flags, segments }
+                .enumerate()
+                .map(|(index, feature)| {
+                    let served = overridden
+                        .and_then(|overrides| overrides.iter().find(|(feature_index, _)| *feature_index == index))
+                        .or_else(|| {
+                            feature.overrides.iter().find(|(segment_index, _)| matched_segments[*segment_index])
+                        })
+                        .map(|(_, state)| state)
+                        .unwrap_or_else(|| scope.default_state(feature));
+                    FlagState { feature, served }
+                })
+                .collect();
+            Evaluation { flags, segments }
+        })
     }
 
     /// The ids of the segments an identity is in (for membership tracking).
     pub fn segment_ids_of(&self, identity: &Identity<'_>) -> Vec<i64> {
         let identity_key = IdentityKey::new(&self.environment_key, identity.identifier);
-        let scope = Scope::new(self, Some(identity), Some(identity_key.as_str()));
-        self.segments.iter().filter(|segment| scope.in_segment(segment)).map(|segment| segment.id).collect()
+        Scope::with(self, Some(identity), Some(identity_key.as_str()), |scope| {
+            self.segments.iter().filter(|segment| scope.in_segment(segment)).map(|segment| segment.id).collect()
+        })
     }
 
     pub fn segment_count(&self) -> usize {
@@ -571,13 +574,20 @@ struct Scope<'s, 'i> {
     identity: Option<&'s Identity<'i>>,
     identity_key: Option<&'s str>,
     /// The mapped value of each trait slot.
-    traits: SmallVec<[Option<ContextValue<'i>>; INLINE_TRAIT_SLOTS]>,
+    traits: &'s [Option<ContextValue<'i>>],
     /// Each distinct condition's verdict once known (0 unknown, 1 false, 2 true).
-    verdicts: SmallVec<[std::cell::Cell<u8>; INLINE_CONDITIONS]>,
+    verdicts: &'s [std::cell::Cell<u8>],
 }
 
 impl<'s, 'i> Scope<'s, 'i> {
-    fn new(evaluator: &'s Evaluator, identity: Option<&'s Identity<'i>>, identity_key: Option<&'s str>) -> Self {
+    /// Runs `work` with a scope whose scratch space lives in this stack frame (the slices it
+    /// reads are plain slices: no inline-or-heap branch on each access, nothing moved).
+    fn with<R>(
+        evaluator: &'s Evaluator,
+        identity: Option<&'s Identity<'i>>,
+        identity_key: Option<&'s str>,
+        work: impl FnOnce(&Scope<'_, 'i>) -> R,
+    ) -> R {
         let mut traits: SmallVec<[Option<ContextValue<'i>>; INLINE_TRAIT_SLOTS]> = SmallVec::new();
         if let Some(identity) = identity {
             traits.resize(evaluator.trait_slots.len(), None);
@@ -587,8 +597,9 @@ impl<'s, 'i> Scope<'s, 'i> {
                 evaluator.fill_trait_slots(transient, &mut traits);
             }
         }
-        let verdicts = SmallVec::from_elem(std::cell::Cell::new(0), evaluator.conditions.len());
-        Scope { evaluator, identity, identity_key, traits, verdicts }
+        let verdicts: SmallVec<[std::cell::Cell<u8>; INLINE_CONDITIONS]> =
+            SmallVec::from_elem(std::cell::Cell::new(0), evaluator.conditions.len());
+        work(&Scope { evaluator, identity, identity_key, traits: &traits, verdicts: &verdicts })
     }
 
     fn in_segment(&self, segment: &CompiledSegment) -> bool {
