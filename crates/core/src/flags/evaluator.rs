@@ -549,7 +549,7 @@ impl Evaluator {
             }
             previous_key = Some(key);
             while let Some((slot_key, slot)) = wanted.peek() {
-                match slot_key.as_str().cmp(key.as_str()) {
+                match short_key_order(slot_key, key) {
                     std::cmp::Ordering::Less => {
                         wanted.next();
                     }
@@ -566,6 +566,18 @@ impl Evaluator {
             }
         }
     }
+}
+
+/// Byte order of two trait keys, the order of the map they come from. Trait keys are short and
+/// usually differ in their first bytes: a plain loop beats a call to `memcmp`.
+#[inline]
+fn short_key_order(left: &str, right: &str) -> std::cmp::Ordering {
+    for (left_byte, right_byte) in left.bytes().zip(right.bytes()) {
+        if left_byte != right_byte {
+            return left_byte.cmp(&right_byte);
+        }
+    }
+    left.len().cmp(&right.len())
 }
 
 /// One evaluation's inputs.
@@ -645,6 +657,7 @@ impl<'s, 'i> Scope<'s, 'i> {
     }
 
     /// A condition's verdict, computed the first time any segment asks for it.
+    #[inline]
     fn verdict(&self, index: usize, segment_hash_prefix: &str) -> bool {
         match self.verdicts[index].get() {
             1 => false,
@@ -657,6 +670,7 @@ impl<'s, 'i> Scope<'s, 'i> {
         }
     }
 
+    #[inline(never)]
     fn condition_matches(&self, condition: &CompiledCondition, segment_hash_prefix: &str) -> bool {
         let computed;
         let value = match &condition.source {
@@ -1093,6 +1107,37 @@ mod tests {
             let value = "v".repeat(length);
             assert_eq!(percentage_after("12,", &value), hashed_percentage(&["12", &value]), "value of {length} bytes");
         }
+    }
+
+    #[test]
+    fn every_trait_a_condition_reads_is_found_whatever_its_neighbours() {
+        let condition = |property: &str, operator: &str, value: Value| json!({ "property": property, "operator": operator, "value": value });
+        let config = FlagConfig {
+            segments: vec![SegmentConfig {
+                id: 1,
+                definition: serde_json::from_value(json!({ "name": "s", "rules": [{ "type": "ALL", "conditions": [
+                    condition("ab", "EQUAL", json!("2")),
+                    condition("a", "EQUAL", json!("1")),
+                    condition("é", "EQUAL", json!("4")),
+                    condition("zz", "IS_NOT_SET", Value::Null),
+                    condition("", "IS_NOT_SET", Value::Null),
+                ] }] }))
+                .unwrap(),
+            }],
+            ..FlagConfig::default()
+        };
+        let traits: Map<String, Value> =
+            serde_json::from_value(json!({ "": null, "0": 0, "a": 1, "aa": 0, "ab": 2, "b": 3, "é": 4, "z": 5 }))
+                .unwrap();
+        assert!(in_segment(&config, "u", &traits));
+        for missing in ["a", "ab", "é"] {
+            let mut without = traits.clone();
+            without.remove(missing);
+            assert!(!in_segment(&config, "u", &without), "without {missing}");
+        }
+        let mut with_zz = traits.clone();
+        with_zz.insert("zz".into(), json!(1));
+        assert!(!in_segment(&config, "u", &with_zz), "zz is set");
     }
 
     #[test]
