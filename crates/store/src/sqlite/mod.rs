@@ -6,6 +6,10 @@
 //! `synchronous=FULL` (the WAL is fsync'd before the commit returns), and only then answers each
 //! job. Durability costs one fsync per group instead of one per request. Reads run on a small pool
 //! of separate connections in parallel; WAL lets them proceed while the writer commits.
+//!
+//! Checkpoints (copying the WAL back into the database file, two more fsyncs) run on a thread of
+//! their own: with SQLite's automatic checkpoint the commit that crosses the threshold does it,
+//! and every request in that group waits milliseconds for it.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -44,6 +48,10 @@ const WRITE_QUEUE_CAPACITY: usize = 4096;
 
 /// Idle read connections kept open.
 const MAX_IDLE_READERS: usize = 8;
+
+/// WAL size, in pages, from which each commit asks the checkpointer to run (SQLite's own
+/// automatic-checkpoint threshold, ~4 MB).
+const CHECKPOINT_AFTER_WAL_PAGES: i32 = 1000;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -210,6 +218,16 @@ impl SqliteStore {
         let mut writer = Connection::open(&database_path)?;
         configure_writer(&writer)?;
         migrate(&mut writer)?;
+        let checkpoint_requests = start_checkpointer(&database_path)?;
+        // Replaces SQLite's automatic checkpoint (itself a WAL hook). The hook lives as long as
+        // the writer's connection; the checkpointer stops when it is gone.
+        writer.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, wal_pages: std::ffi::c_int| {
+            if wal_pages >= CHECKPOINT_AFTER_WAL_PAGES {
+                // A request already pending covers this one.
+                let _ = checkpoint_requests.try_send(());
+            }
+            Ok(())
+        }))?;
 
         let (write_queue, jobs) = mpsc::channel(WRITE_QUEUE_CAPACITY);
         std::thread::Builder::new()
@@ -272,6 +290,34 @@ impl SqliteStore {
         .await
         .map_err(|error| StoreError::Database(format!("read task failed: {error}")))?
     }
+}
+
+/// Starts the thread that checkpoints the WAL when the writer asks, on a connection of its own.
+/// Passive checkpoints never block the writer or readers: the writer keeps appending to the WAL
+/// meanwhile, and restarts it from the beginning once it has been copied back entirely.
+fn start_checkpointer(database_path: &Path) -> StoreResult<std::sync::mpsc::SyncSender<()>> {
+    let connection = Connection::open(database_path)?;
+    // synchronous=FULL: the database file is fsync'd before the WAL may be reused.
+    connection.execute_batch("PRAGMA synchronous = FULL; PRAGMA busy_timeout = 10000;")?;
+    let (requests, requested) = std::sync::mpsc::sync_channel::<()>(1);
+    std::thread::Builder::new()
+        .name("roster-sqlite-checkpointer".into())
+        .spawn(move || {
+            while requested.recv().is_ok() {
+                let outcome = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+                    Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+                });
+                match outcome {
+                    Ok((wal_pages, copied_pages)) => {
+                        tracing::debug!(wal_pages, copied_pages, "sqlite wal checkpointed")
+                    }
+                    Err(error) => tracing::warn!(%error, "sqlite wal checkpoint failed; retried at the next request"),
+                }
+            }
+            tracing::debug!("sqlite checkpointer stopped");
+        })
+        .map_err(|error| StoreError::Database(format!("cannot start checkpointer thread: {error}")))?;
+    Ok(requests)
 }
 
 fn configure_writer(connection: &Connection) -> StoreResult<()> {
