@@ -1561,6 +1561,58 @@ mod contract_tests {
         assert!(matches!(huge, Err(crate::StoreError::QueryFailed(_))), "{huge:?}");
     }
 
+    /// The WAL is copied back into the database file while the store runs (by the checkpointer
+    /// thread, since no commit does it any more), so the WAL does not grow without bound.
+    #[tokio::test]
+    async fn the_wal_is_checkpointed_into_the_database_file_while_the_store_runs() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(directory.path()).unwrap();
+        let environment = store
+            .create_environment(crate::NewEnvironment {
+                slug: "production".into(),
+                name: "production".into(),
+                client_key: "client".into(),
+                server_key_hash: "hash".into(),
+                created_at: roster_core::Timestamp::from_micros(1),
+            })
+            .await
+            .unwrap();
+        let database_file = directory.path().join(super::DATABASE_FILE_NAME);
+        let size_before = std::fs::metadata(&database_file).unwrap().len();
+        let mut traits = serde_json::Map::new();
+        traits.insert("about".into(), serde_json::Value::String("x".repeat(1500)));
+        traits.insert("bio".into(), serde_json::Value::String("y".repeat(1500)));
+        // 2,000 profiles of ~3 KB: about twice the WAL size that asks for a checkpoint.
+        for batch in 0..20 {
+            let commands = (0..100)
+                .map(|index| {
+                    roster_core::IdentifyCommand::new(
+                        Some(format!("user-{batch}-{index}")),
+                        None,
+                        traits.clone(),
+                        serde_json::Map::new(),
+                        roster_core::Timestamp::from_micros(2),
+                        &roster_core::Limits::default(),
+                    )
+                    .unwrap()
+                })
+                .collect();
+            store.identify(environment.id, commands, crate::WritePolicy::default()).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let size = std::fs::metadata(&database_file).unwrap().len();
+            if size > size_before + 4_000_000 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the database file is still {size} bytes (was {size_before}): the WAL was not checkpointed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     #[tokio::test]
     async fn committed_writes_are_there_after_reopening() {
         let directory = tempfile::tempdir().unwrap();
