@@ -296,7 +296,7 @@ enum Matcher {
         version: Option<semver::Version>,
     },
     NotContains(String),
-    Regex(regex::Regex),
+    Regex(Box<CompiledRegex>),
     In(InSet),
     Modulo {
         divisor: f64,
@@ -307,6 +307,46 @@ enum Matcher {
     PercentageSplit {
         threshold: f64,
     },
+}
+
+/// Largest dense DFA built for one `REGEX` condition; larger ones use the `regex` crate.
+const MAX_DFA_BYTES: usize = 1 << 20;
+
+/// A `REGEX` condition's pattern (anchored at the start, as the reference's `re.match`).
+#[derive(Debug)]
+struct CompiledRegex {
+    /// A fully built DFA: searching it needs no mutable scratch space, so evaluating takes no
+    /// lock (the `regex` crate keeps its search caches in a pool that threads share).
+    dense: Option<regex_automata::dfa::dense::DFA<Vec<u32>>>,
+    /// For patterns a DFA cannot express (Unicode word boundaries) or whose DFA would be large.
+    fallback: regex::Regex,
+}
+
+impl CompiledRegex {
+    fn new(pattern: &str) -> Result<CompiledRegex, CompileError> {
+        let fallback = compile_regex(pattern).map_err(CompileError)?;
+        let dense = regex_automata::dfa::dense::Builder::new()
+            .configure(
+                regex_automata::dfa::dense::DFA::config()
+                    .start_kind(regex_automata::dfa::StartKind::Anchored)
+                    .dfa_size_limit(Some(MAX_DFA_BYTES))
+                    .determinize_size_limit(Some(MAX_DFA_BYTES)),
+            )
+            .build(fallback.as_str())
+            .ok();
+        Ok(CompiledRegex { dense, fallback })
+    }
+
+    fn is_match(&self, text: &str) -> bool {
+        use regex_automata::dfa::Automaton;
+        if let Some(dense) = &self.dense {
+            let input = regex_automata::Input::new(text).anchored(regex_automata::Anchored::Yes).earliest(true);
+            if let Ok(found) = dense.try_search_fwd(&input) {
+                return found.is_some();
+            }
+        }
+        self.fallback.is_match(text)
+    }
 }
 
 /// An `IN` list: scanned when short (cheaper than hashing the value), hashed when long.
@@ -977,7 +1017,7 @@ fn compile_matcher(operator: Operator, value: &Value) -> Result<Matcher, Compile
         Operator::IsNotSet => Matcher::IsNotSet,
         Operator::In => Matcher::In(InSet::new(in_items(value))),
         Operator::NotContains => Matcher::NotContains(text),
-        Operator::Regex => Matcher::Regex(compile_regex(&text).map_err(CompileError)?),
+        Operator::Regex => Matcher::Regex(Box::new(CompiledRegex::new(&text)?)),
         Operator::Modulo => {
             let (divisor, remainder) = parse_modulo(&text).map_err(CompileError)?;
             Matcher::Modulo { divisor, remainder }
@@ -1092,6 +1132,21 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// A pattern's DFA and the `regex` crate agree on every text.
+        #[test]
+        fn dense_regexes_match_like_the_regex_crate(
+            pattern in proptest::sample::select(vec![
+                "a", "[a-c]+x", ".*@(example|roster)\\.com", "(?i)pro", "\\d{2,4}-\\w+", "x*", "[^@]+@[^@]+",
+                "\\p{Greek}+", "é+", "a|ab|abc", ".", "$", "^$", "(a|b)*c$",
+            ]),
+            text in "[abcxé@.\\-0-9αβPROpro ]{0,12}",
+        ) {
+            let compiled = CompiledRegex::new(pattern).unwrap();
+            proptest::prop_assert!(compiled.dense.is_some(), "{} has a DFA", pattern);
+            let expected = compile_regex(pattern).unwrap().is_match(&text);
+            proptest::prop_assert_eq!(compiled.is_match(&text), expected, "{} on {:?}", pattern, text);
+        }
+
         /// The padded-block fast path hashes exactly what the general path (the `md-5` hasher
         /// over the joined ids) hashes, on both sides of every block boundary.
         #[test]
@@ -1099,6 +1154,14 @@ mod tests {
             let prefix = format!("{id},");
             proptest::prop_assert_eq!(percentage_after(&prefix, &value), hashed_percentage(&[&id.to_string(), &value]));
         }
+    }
+
+    #[test]
+    fn patterns_a_dfa_cannot_express_still_match() {
+        let compiled = CompiledRegex::new("\\bword\\b").unwrap();
+        assert!(compiled.dense.is_none(), "Unicode word boundaries need the regex crate");
+        assert!(compiled.is_match("word up"));
+        assert!(!compiled.is_match("wordy"));
     }
 
     #[test]
