@@ -104,6 +104,36 @@ pub async fn new_user_and_anonymous_id_make_one_profile(store: &dyn Store) {
     assert_eq!(direct, by_user);
 }
 
+/// Items of one batch see what the earlier items wrote: the same user twice, an anonymous visitor
+/// linked later in the batch, a merge of two profiles both created in the batch.
+pub async fn a_batch_sees_its_own_earlier_items(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    let results = store
+        .identify(
+            environment_id,
+            vec![
+                command(Some("u-a"), None, json!({ "plan": "free", "seats": 1 }), 10),
+                command(Some("u-a"), None, json!({ "plan": "pro" }), 20),
+                command(None, Some("visitor"), json!({ "source": "ad" }), 30),
+                command(Some("u-b"), Some("visitor"), json!({ "role": "admin" }), 40),
+                command(None, Some("later"), json!({ "theme": "dark" }), 50),
+                command(Some("u-a"), Some("later"), json!({ "seats": 2 }), 60),
+            ],
+            WritePolicy::default(),
+        )
+        .await
+        .expect("batch applied");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let user_a = profile_of(store, environment_id, IdentifierKind::UserId, "u-a").await;
+    assert_eq!(user_a.traits, traits(json!({ "plan": "pro", "seats": 2, "theme": "dark" })));
+    assert_eq!(user_a.anonymous_ids, vec!["later".to_owned()]);
+    let user_b = profile_of(store, environment_id, IdentifierKind::UserId, "u-b").await;
+    assert_eq!(user_b.traits, traits(json!({ "source": "ad", "role": "admin" })));
+    assert_eq!(profile_of(store, environment_id, IdentifierKind::AnonymousId, "visitor").await, user_b);
+    let page = store.list_profiles(environment_id, ProfileFilter::default(), None, 10).await.unwrap();
+    assert_eq!(page.profiles.len(), 2, "the anonymous profiles were absorbed: {page:?}");
+}
+
 pub async fn traits_patch_delete_and_order_by_timestamp(store: &dyn Store) {
     let environment_id = new_environment(store, "production").await;
     identify(
@@ -1273,6 +1303,7 @@ macro_rules! store_contract_suite {
             bootstrap_happens_once,
             environments_have_unique_slugs_and_rotatable_keys,
             new_user_and_anonymous_id_make_one_profile,
+            a_batch_sees_its_own_earlier_items,
             traits_patch_delete_and_order_by_timestamp,
             numbers_and_nested_values_are_kept_exactly,
             anonymous_profile_becomes_the_users_on_first_identify,

@@ -27,6 +27,24 @@ pub struct PgTx<'c> {
     /// one per item.
     pending_events: PendingEvents,
     pending_history: PendingHistory,
+    /// Profile and identifier writes, also sent in one statement each: the write path reads them
+    /// back through this buffer, and every statement that reads or changes those tables by
+    /// other means sends the buffer first (see `query`), so SQL never sees a stale row.
+    pending_identity: PendingIdentity,
+}
+
+#[derive(Default)]
+struct PendingIdentity {
+    /// The latest write of each profile, by (environment, profile id).
+    profiles: HashMap<(EnvironmentId, String), (StoredProfile, String, String)>,
+    /// The latest owner of each identifier, by (environment, kind, value).
+    identifiers: HashMap<(EnvironmentId, &'static str, String), String>,
+}
+
+impl PendingIdentity {
+    fn is_empty(&self) -> bool {
+        self.profiles.is_empty() && self.identifiers.is_empty()
+    }
 }
 
 #[derive(Default)]
@@ -60,6 +78,7 @@ impl<'c> PgTx<'c> {
             unsuppressed_environments: Vec::new(),
             pending_events: PendingEvents::default(),
             pending_history: PendingHistory::default(),
+            pending_identity: PendingIdentity::default(),
         }
     }
 
@@ -77,29 +96,119 @@ impl<'c> PgTx<'c> {
         Ok(statement)
     }
 
+    // Every statement sends the buffered profile and identifier writes first, except those the
+    // `_beside_identity` variants run: statements on other tables, picked one by one.
+
     pub(crate) fn query(&mut self, sql: &'static str, params: Params<'_>) -> StoreResult<Vec<Row>> {
-        let statement = self.statement(sql)?;
-        Ok(self.transaction()?.query(&statement, params)?)
+        self.flush_identity()?;
+        self.query_beside_identity(sql, params)
     }
 
     pub(crate) fn query_opt(&mut self, sql: &'static str, params: Params<'_>) -> StoreResult<Option<Row>> {
-        let statement = self.statement(sql)?;
-        Ok(self.transaction()?.query_opt(&statement, params)?)
+        self.flush_identity()?;
+        self.query_opt_beside_identity(sql, params)
     }
 
     pub(crate) fn query_one(&mut self, sql: &'static str, params: Params<'_>) -> StoreResult<Row> {
+        self.flush_identity()?;
         let statement = self.statement(sql)?;
         Ok(self.transaction()?.query_one(&statement, params)?)
     }
 
     pub(crate) fn execute(&mut self, sql: &'static str, params: Params<'_>) -> StoreResult<u64> {
-        let statement = self.statement(sql)?;
-        Ok(self.transaction()?.execute(&statement, params)?)
+        self.flush_identity()?;
+        self.execute_beside_identity(sql, params)
     }
 
     /// Statements built at run time (users' SQL, settings): not cached.
     pub(crate) fn raw(&mut self) -> StoreResult<&mut Transaction<'c>> {
+        self.flush_identity()?;
         self.transaction()
+    }
+
+    /// A statement that neither reads nor writes `profiles` or `identifiers`.
+    fn query_beside_identity(&mut self, sql: &'static str, params: Params<'_>) -> StoreResult<Vec<Row>> {
+        let statement = self.statement(sql)?;
+        Ok(self.transaction()?.query(&statement, params)?)
+    }
+
+    fn query_opt_beside_identity(&mut self, sql: &'static str, params: Params<'_>) -> StoreResult<Option<Row>> {
+        let statement = self.statement(sql)?;
+        Ok(self.transaction()?.query_opt(&statement, params)?)
+    }
+
+    fn execute_beside_identity(&mut self, sql: &'static str, params: Params<'_>) -> StoreResult<u64> {
+        let statement = self.statement(sql)?;
+        Ok(self.transaction()?.execute(&statement, params)?)
+    }
+
+    /// Writes the buffered profiles, then the buffered identifiers.
+    fn flush_identity(&mut self) -> StoreResult<()> {
+        if self.pending_identity.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending_identity);
+        if !pending.profiles.is_empty() {
+            let mut environment_ids = Vec::with_capacity(pending.profiles.len());
+            let mut profile_ids = Vec::with_capacity(pending.profiles.len());
+            let mut user_ids = Vec::with_capacity(pending.profiles.len());
+            let mut identified = Vec::with_capacity(pending.profiles.len());
+            let mut traits = Vec::with_capacity(pending.profiles.len());
+            let mut trait_timestamps = Vec::with_capacity(pending.profiles.len());
+            let mut created_at = Vec::with_capacity(pending.profiles.len());
+            let mut updated_at = Vec::with_capacity(pending.profiles.len());
+            let mut merge_counts = Vec::with_capacity(pending.profiles.len());
+            for ((environment_id, profile_id), (profile, traits_json, timestamps_json)) in pending.profiles {
+                environment_ids.push(environment_id);
+                profile_ids.push(profile_id);
+                user_ids.push(profile.user_id);
+                identified.push(profile.identified);
+                traits.push(traits_json);
+                trait_timestamps.push(timestamps_json);
+                created_at.push(profile.created_at.as_micros());
+                updated_at.push(profile.updated_at.as_micros());
+                merge_counts.push(profile.merge_count);
+            }
+            self.execute_beside_identity(
+                "INSERT INTO profiles (environment_id, profile_id, user_id, identified, traits, trait_timestamps, \
+                 created_at, updated_at, merge_count) SELECT e, p, u, i, t::jsonb, ts, c, up, m FROM \
+                 unnest($1::bigint[], $2::text[], $3::text[], $4::bool[], $5::text[], $6::text[], $7::bigint[], \
+                 $8::bigint[], $9::bigint[]) AS x(e, p, u, i, t, ts, c, up, m) \
+                 ON CONFLICT (environment_id, profile_id) DO UPDATE SET user_id = excluded.user_id, \
+                 identified = excluded.identified, traits = excluded.traits, trait_timestamps = excluded.trait_timestamps, \
+                 created_at = excluded.created_at, updated_at = excluded.updated_at, merge_count = excluded.merge_count",
+                &[
+                    &environment_ids,
+                    &profile_ids,
+                    &user_ids,
+                    &identified,
+                    &traits,
+                    &trait_timestamps,
+                    &created_at,
+                    &updated_at,
+                    &merge_counts,
+                ],
+            )?;
+        }
+        if !pending.identifiers.is_empty() {
+            let mut environment_ids = Vec::with_capacity(pending.identifiers.len());
+            let mut kinds = Vec::with_capacity(pending.identifiers.len());
+            let mut values = Vec::with_capacity(pending.identifiers.len());
+            let mut profile_ids = Vec::with_capacity(pending.identifiers.len());
+            for ((environment_id, kind, value), profile_id) in pending.identifiers {
+                environment_ids.push(environment_id);
+                kinds.push(kind);
+                values.push(value);
+                profile_ids.push(profile_id);
+            }
+            self.execute_beside_identity(
+                "INSERT INTO identifiers (environment_id, kind, value, profile_id) SELECT e, k, v, p FROM \
+                 unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) AS x(e, k, v, p) \
+                 ON CONFLICT (environment_id, kind, value) DO UPDATE SET profile_id = excluded.profile_id",
+                &[&environment_ids, &kinds, &values, &profile_ids],
+            )?;
+        }
+        Ok(())
     }
 
     /// Waits for the environment's write lock, held until the transaction ends.
@@ -107,12 +216,13 @@ impl<'c> PgTx<'c> {
         /// First key of Roster's advisory locks ("Rost"); the second is the environment.
         const LOCK_CLASS: i32 = 0x526f_7374;
         let environment_key = environment_id as i32;
-        self.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_CLASS, &environment_key])?;
+        self.execute_beside_identity("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_CLASS, &environment_key])?;
         Ok(())
     }
 
-    /// Writes the buffered appends.
+    /// Writes the buffered appends (after the buffered profiles they belong to).
     fn flush(&mut self) -> StoreResult<()> {
+        self.flush_identity()?;
         if !self.pending_events.event_ids.is_empty() {
             let pending = std::mem::take(&mut self.pending_events);
             self.execute(
@@ -149,6 +259,7 @@ impl<'c> PgTx<'c> {
     }
 
     pub(super) fn commit(&mut self) -> StoreResult<()> {
+        self.flush_identity()?;
         self.flush()?;
         match self.transaction.take() {
             Some(transaction) => Ok(transaction.commit()?),
@@ -244,24 +355,45 @@ impl IdentityTx for PgTx<'_> {
         kind: IdentifierKind,
         value: &str,
     ) -> StoreResult<Option<StoredProfile>> {
-        self.query_opt(
+        let pending_owner =
+            self.pending_identity.identifiers.get(&(environment_id, kind.as_str(), value.to_owned())).cloned();
+        if let Some(profile_id) = pending_owner {
+            return self.load_profile(environment_id, &profile_id);
+        }
+        // Identifiers not in the buffer are as stored; their profile may have a newer write.
+        let row = self.query_opt_beside_identity(
             "SELECT p.profile_id, p.user_id, p.identified, p.traits::text, p.trait_timestamps, p.created_at, \
              p.updated_at, p.merge_count FROM identifiers i JOIN profiles p ON p.environment_id = i.environment_id \
              AND p.profile_id = i.profile_id WHERE i.environment_id = $1 AND i.kind = $2 AND i.value = $3",
             &[&environment_id, &kind.as_str(), &value],
+        )?;
+        let Some(row) = row else { return Ok(None) };
+        let stored = profile_from_row(&row);
+        if let Some((pending, _, _)) = self.pending_identity.profiles.get(&(environment_id, stored.profile_id.clone()))
+        {
+            return Ok(Some(pending.clone()));
+        }
+        stored.into_stored().map(Some)
+    }
+
+    fn load_profile(&mut self, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<Option<StoredProfile>> {
+        if let Some((pending, _, _)) = self.pending_identity.profiles.get(&(environment_id, profile_id.to_owned())) {
+            return Ok(Some(pending.clone()));
+        }
+        // Not in the buffer: the stored row is the latest.
+        self.query_opt_beside_identity(
+            "SELECT profile_id, user_id, identified, traits::text, trait_timestamps, created_at, updated_at, \
+             merge_count FROM profiles WHERE environment_id = $1 AND profile_id = $2",
+            &[&environment_id, &profile_id],
         )?
         .as_ref()
         .map(|row| profile_from_row(row).into_stored())
         .transpose()
     }
 
-    fn load_profile(&mut self, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<Option<StoredProfile>> {
-        self.profile_row(environment_id, profile_id)?.map(StoredProfileRow::into_stored).transpose()
-    }
-
     fn forwarded_profile_id(&mut self, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<Option<String>> {
         Ok(self
-            .query_opt(
+            .query_opt_beside_identity(
                 "SELECT profile_id FROM profile_forwards WHERE environment_id = $1 AND old_profile_id = $2",
                 &[&environment_id, &profile_id],
             )?
@@ -269,25 +401,10 @@ impl IdentityTx for PgTx<'_> {
     }
 
     fn save_profile(&mut self, environment_id: EnvironmentId, write: &ProfileWrite<'_>) -> StoreResult<()> {
-        let profile = write.profile;
-        self.execute(
-            "INSERT INTO profiles (profile_id, environment_id, user_id, identified, traits, trait_timestamps, \
-             created_at, updated_at, merge_count) VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7, $8, $9) \
-             ON CONFLICT (environment_id, profile_id) DO UPDATE SET user_id = excluded.user_id, \
-             identified = excluded.identified, traits = excluded.traits, trait_timestamps = excluded.trait_timestamps, \
-             created_at = excluded.created_at, updated_at = excluded.updated_at, merge_count = excluded.merge_count",
-            &[
-                &profile.profile_id,
-                &environment_id,
-                &profile.user_id,
-                &profile.identified,
-                &write.traits_json,
-                &write.trait_timestamps_json,
-                &profile.created_at.as_micros(),
-                &profile.updated_at.as_micros(),
-                &profile.merge_count,
-            ],
-        )?;
+        self.pending_identity.profiles.insert(
+            (environment_id, write.profile.profile_id.clone()),
+            (write.profile.clone(), write.traits_json.clone(), write.trait_timestamps_json.clone()),
+        );
         Ok(())
     }
 
@@ -298,11 +415,9 @@ impl IdentityTx for PgTx<'_> {
         value: &str,
         profile_id: &str,
     ) -> StoreResult<()> {
-        self.execute(
-            "INSERT INTO identifiers (environment_id, kind, value, profile_id) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (environment_id, kind, value) DO UPDATE SET profile_id = excluded.profile_id",
-            &[&environment_id, &kind.as_str(), &value, &profile_id],
-        )?;
+        self.pending_identity
+            .identifiers
+            .insert((environment_id, kind.as_str(), value.to_owned()), profile_id.to_owned());
         Ok(())
     }
 
@@ -414,7 +529,7 @@ impl IdentityTx for PgTx<'_> {
 
     fn find_message(&mut self, environment_id: EnvironmentId, message_id: &str) -> StoreResult<Option<SeenMessage>> {
         Ok(self
-            .query_opt(
+            .query_opt_beside_identity(
                 "SELECT received_at, profile_id, event_id FROM message_ids WHERE environment_id = $1 AND message_id = $2",
                 &[&environment_id, &message_id],
             )?
@@ -426,7 +541,7 @@ impl IdentityTx for PgTx<'_> {
     }
 
     fn put_message(&mut self, environment_id: EnvironmentId, message_id: &str, seen: &SeenMessage) -> StoreResult<()> {
-        self.execute(
+        self.execute_beside_identity(
             "INSERT INTO message_ids (environment_id, message_id, received_at, profile_id, event_id) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (environment_id, message_id) DO UPDATE SET \
              received_at = excluded.received_at, profile_id = excluded.profile_id, event_id = excluded.event_id",
@@ -456,14 +571,17 @@ impl IdentityTx for PgTx<'_> {
             return Ok(false);
         }
         let any = self
-            .query_opt("SELECT 1 FROM suppressions WHERE environment_id = $1 LIMIT 1", &[&environment_id])?
+            .query_opt_beside_identity(
+                "SELECT 1 FROM suppressions WHERE environment_id = $1 LIMIT 1",
+                &[&environment_id],
+            )?
             .is_some();
         if !any {
             self.unsuppressed_environments.push(environment_id);
             return Ok(false);
         }
         Ok(self
-            .query_opt(
+            .query_opt_beside_identity(
                 "SELECT 1 FROM suppressions WHERE environment_id = $1 AND user_id = $2",
                 &[&environment_id, &user_id],
             )?
@@ -565,7 +683,7 @@ impl IdentityTx for PgTx<'_> {
 
     fn open_memberships(&mut self, environment_id: EnvironmentId, profile_id: &str) -> StoreResult<Vec<i64>> {
         Ok(self
-            .query(
+            .query_beside_identity(
                 "SELECT segment_id FROM segment_memberships WHERE environment_id = $1 AND profile_id = $2 \
                  AND exited_at IS NULL",
                 &[&environment_id, &profile_id],
@@ -582,7 +700,7 @@ impl IdentityTx for PgTx<'_> {
         profile_id: &str,
         at: Timestamp,
     ) -> StoreResult<()> {
-        self.execute(
+        self.execute_beside_identity(
             "INSERT INTO segment_memberships (environment_id, segment_id, profile_id, entered_at) VALUES ($1, $2, $3, $4)",
             &[&environment_id, &segment_id, &profile_id, &at.as_micros()],
         )?;
@@ -596,7 +714,7 @@ impl IdentityTx for PgTx<'_> {
         profile_id: &str,
         at: Timestamp,
     ) -> StoreResult<()> {
-        self.execute(
+        self.execute_beside_identity(
             "UPDATE segment_memberships SET exited_at = $4 WHERE environment_id = $1 AND segment_id = $2 \
              AND profile_id = $3 AND exited_at IS NULL",
             &[&environment_id, &segment_id, &profile_id, &at.as_micros()],
