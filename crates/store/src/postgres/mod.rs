@@ -259,6 +259,9 @@ impl Workers {
     }
 }
 
+/// First key of Roster's environment write locks ("Rost"); the second is the environment.
+const ENVIRONMENT_LOCK_CLASS: i32 = 0x526f_7374;
+
 /// How a unit of work runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -361,9 +364,21 @@ impl PostgresStore {
         T: Send + 'static,
         F: FnMut(&mut PgTx<'_>) -> StoreResult<T> + Send + 'static,
     {
-        self.write(move |tx| {
-            tx.lock_environment(environment_id)?;
-            work(tx)
+        self.on_connection(move |connection| {
+            let environment_key = environment_id as i32;
+            connection
+                .client
+                .execute("SELECT pg_advisory_lock($1, $2)", &[&ENVIRONMENT_LOCK_CLASS, &environment_key])?;
+            let outcome = run_on(connection, Mode::Write, &mut work);
+            // Unlocked whatever the outcome; a broken connection's session (and lock) is gone.
+            if let Err(error) = connection
+                .client
+                .execute("SELECT pg_advisory_unlock($1, $2)", &[&ENVIRONMENT_LOCK_CLASS, &environment_key])
+            {
+                tracing::warn!(%error, "postgres environment lock release failed; releasing every lock of the session");
+                let _ = connection.client.batch_execute("SELECT pg_advisory_unlock_all()");
+            }
+            outcome
         })
         .await
     }
@@ -375,6 +390,15 @@ impl PostgresStore {
     {
         self.run(Mode::Read, work).await
     }
+}
+
+/// The distinct ids a batch's commands name, for one lookup of them all before the batch.
+fn named_ids<'c, C>(
+    commands: &'c [C],
+    ids_of: impl Fn(&'c C) -> [&'c Option<String>; 2],
+) -> impl Iterator<Item = &'c str> {
+    let mut seen = std::collections::HashSet::new();
+    commands.iter().flat_map(ids_of).filter_map(|id| id.as_deref()).filter(move |id| seen.insert(*id))
 }
 
 /// Runs `work` in a transaction of the given mode; conflicts of a write start it over.
@@ -563,6 +587,10 @@ impl Store for PostgresStore {
     ) -> StoreResult<Vec<ItemResult>> {
         self.write_in(environment_id, move |tx| {
             let received_at = now();
+            tx.prefetch_identifiers(
+                environment_id,
+                named_ids(&commands, |command| [&command.user_id, &command.anonymous_id]),
+            )?;
             commands.iter().map(|command| apply_identify(tx, environment_id, command, &policy, received_at)).collect()
         })
         .await
@@ -576,6 +604,10 @@ impl Store for PostgresStore {
     ) -> StoreResult<Vec<TrackResult>> {
         self.write_in(environment_id, move |tx| {
             let received_at = now();
+            tx.prefetch_identifiers(
+                environment_id,
+                named_ids(&commands, |command| [&command.user_id, &command.anonymous_id]),
+            )?;
             commands.iter().map(|command| apply_track(tx, environment_id, command, &policy, received_at)).collect()
         })
         .await

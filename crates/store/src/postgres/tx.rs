@@ -31,6 +31,10 @@ pub struct PgTx<'c> {
     /// back through this buffer, and every statement that reads or changes those tables by
     /// other means sends the buffer first (see `query`), so SQL never sees a stale row.
     pending_identity: PendingIdentity,
+    /// Identifier lookups answered ahead for a whole batch (`prefetch_identifiers`), `None` for
+    /// identifiers known to be absent. Dropped by any statement that may change identifiers or
+    /// profiles other than through the buffer.
+    prefetched: HashMap<(EnvironmentId, &'static str, String), Option<StoredProfile>>,
 }
 
 #[derive(Default)]
@@ -79,6 +83,7 @@ impl<'c> PgTx<'c> {
             pending_events: PendingEvents::default(),
             pending_history: PendingHistory::default(),
             pending_identity: PendingIdentity::default(),
+            prefetched: HashMap::new(),
         }
     }
 
@@ -142,8 +147,56 @@ impl<'c> PgTx<'c> {
         Ok(self.transaction()?.execute(&statement, params)?)
     }
 
+    /// Looks up, in one statement, every identifier of either kind a batch's items may look for
+    /// (a user id is also looked up as an anonymous id and the other way round).
+    pub(super) fn prefetch_identifiers<'v>(
+        &mut self,
+        environment_id: EnvironmentId,
+        values: impl Iterator<Item = &'v str>,
+    ) -> StoreResult<()> {
+        let mut kinds = Vec::new();
+        let mut wanted = Vec::new();
+        for value in values {
+            for kind in [IdentifierKind::UserId, IdentifierKind::AnonymousId] {
+                kinds.push(kind.as_str());
+                wanted.push(value.to_owned());
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let rows = self.query(
+            "SELECT w.kind, w.value, p.profile_id, p.user_id, p.identified, p.traits::text, p.trait_timestamps, \
+             p.created_at, p.updated_at, p.merge_count FROM unnest($2::text[], $3::text[]) AS w(kind, value) \
+             CROSS JOIN LATERAL (SELECT p.* FROM identifiers i JOIN profiles p ON p.environment_id = i.environment_id \
+             AND p.profile_id = i.profile_id WHERE i.environment_id = $1 AND i.kind = w.kind AND i.value = w.value) p",
+            &[&environment_id, &kinds, &wanted],
+        )?;
+        for (kind, value) in kinds.into_iter().zip(wanted) {
+            self.prefetched.insert((environment_id, kind, value), None);
+        }
+        for row in rows {
+            let kind = identifier_kind(row.get(0))?.as_str();
+            let value: String = row.get(1);
+            let profile = StoredProfileRow {
+                profile_id: row.get(2),
+                user_id: row.get(3),
+                identified: row.get(4),
+                traits_json: row.get(5),
+                trait_timestamps_json: row.get(6),
+                created_at: row.get(7),
+                updated_at: row.get(8),
+                merge_count: row.get(9),
+            }
+            .into_stored()?;
+            self.prefetched.insert((environment_id, kind, value), Some(profile));
+        }
+        Ok(())
+    }
+
     /// Writes the buffered profiles, then the buffered identifiers.
     fn flush_identity(&mut self) -> StoreResult<()> {
+        self.prefetched.clear();
         if self.pending_identity.is_empty() {
             return Ok(());
         }
@@ -208,15 +261,6 @@ impl<'c> PgTx<'c> {
                 &[&environment_ids, &kinds, &values, &profile_ids],
             )?;
         }
-        Ok(())
-    }
-
-    /// Waits for the environment's write lock, held until the transaction ends.
-    pub(super) fn lock_environment(&mut self, environment_id: EnvironmentId) -> StoreResult<()> {
-        /// First key of Roster's advisory locks ("Rost"); the second is the environment.
-        const LOCK_CLASS: i32 = 0x526f_7374;
-        let environment_key = environment_id as i32;
-        self.execute_beside_identity("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_CLASS, &environment_key])?;
         Ok(())
     }
 
@@ -359,6 +403,16 @@ impl IdentityTx for PgTx<'_> {
             self.pending_identity.identifiers.get(&(environment_id, kind.as_str(), value.to_owned())).cloned();
         if let Some(profile_id) = pending_owner {
             return self.load_profile(environment_id, &profile_id);
+        }
+        if let Some(prefetched) = self.prefetched.get(&(environment_id, kind.as_str(), value.to_owned())) {
+            let Some(profile) = prefetched else { return Ok(None) };
+            // The profile may have been written since.
+            if let Some((pending, _, _)) =
+                self.pending_identity.profiles.get(&(environment_id, profile.profile_id.clone()))
+            {
+                return Ok(Some(pending.clone()));
+            }
+            return Ok(Some(profile.clone()));
         }
         // Identifiers not in the buffer are as stored; their profile may have a newer write.
         let row = self.query_opt_beside_identity(
