@@ -1547,11 +1547,8 @@ mod contract_tests {
 
     crate::store_contract_suite!(fresh_store());
 
-    /// A value too large to build is an error, not an allocation that takes the server down.
-    #[tokio::test]
-    async fn a_value_too_large_to_build_fails_the_query() {
-        let (store, _directory) = fresh_store().await.expect("sqlite store");
-        let environment = store
+    async fn production_environment(store: &dyn Store) -> crate::EnvironmentRecord {
+        store
             .create_environment(crate::NewEnvironment {
                 slug: "production".into(),
                 name: "production".into(),
@@ -1560,7 +1557,14 @@ mod contract_tests {
                 created_at: roster_core::Timestamp::from_micros(1),
             })
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A value too large to build is an error, not an allocation that takes the server down.
+    #[tokio::test]
+    async fn a_value_too_large_to_build_fails_the_query() {
+        let (store, _directory) = fresh_store().await.expect("sqlite store");
+        let environment = production_environment(store.as_ref()).await;
         let bounds = crate::QueryBounds { timeout: std::time::Duration::from_secs(5), max_rows: 10 };
         let huge = store.query(environment.id, "SELECT length(randomblob(1000000000))", bounds).await;
         assert!(matches!(huge, Err(crate::StoreError::QueryFailed(_))), "{huge:?}");
@@ -1572,16 +1576,7 @@ mod contract_tests {
     async fn the_wal_is_checkpointed_into_the_database_file_while_the_store_runs() {
         let directory = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(directory.path()).unwrap();
-        let environment = store
-            .create_environment(crate::NewEnvironment {
-                slug: "production".into(),
-                name: "production".into(),
-                client_key: "client".into(),
-                server_key_hash: "hash".into(),
-                created_at: roster_core::Timestamp::from_micros(1),
-            })
-            .await
-            .unwrap();
+        let environment = production_environment(&store).await;
         let database_file = directory.path().join(super::DATABASE_FILE_NAME);
         let size_before = std::fs::metadata(&database_file).unwrap().len();
         let mut traits = serde_json::Map::new();
