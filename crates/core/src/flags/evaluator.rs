@@ -498,8 +498,8 @@ impl Evaluator {
     /// Every flag, and the segments the identity is in. Without an identity: the defaults, with
     /// overrides of segments that match on the environment alone.
     pub fn evaluate(&self, identity: Option<&Identity<'_>>) -> Evaluation<'_> {
-        let identity_key = identity.map(|identity| IdentityKey::new(&self.environment_key, identity.identifier));
-        Scope::with(self, identity, identity_key.as_ref().map(IdentityKey::as_str), |scope| {
+        let identity_key = identity.map(|identity| identity_key(&self.environment_key, identity.identifier));
+        Scope::with(self, identity, identity_key.as_deref(), |scope| {
             let mut matched: SmallVec<[bool; INLINE_SEGMENTS]> = SmallVec::from_elem(false, self.segments.len());
             let mut segments = Vec::with_capacity(self.segments.len());
             for (in_segment, segment) in matched.iter_mut().zip(&self.segments) {
@@ -533,8 +533,8 @@ impl Evaluator {
 
     /// The ids of the segments an identity is in (for membership tracking).
     pub fn segment_ids_of(&self, identity: &Identity<'_>) -> Vec<i64> {
-        let identity_key = IdentityKey::new(&self.environment_key, identity.identifier);
-        Scope::with(self, Some(identity), Some(identity_key.as_str()), |scope| {
+        let identity_key = identity_key(&self.environment_key, identity.identifier);
+        Scope::with(self, Some(identity), Some(&identity_key), |scope| {
             self.segments.iter().filter(|segment| scope.in_segment(segment)).map(|segment| segment.id).collect()
         })
     }
@@ -554,21 +554,9 @@ const INLINE_SEGMENTS: usize = 64;
 const INLINE_TRAIT_SLOTS: usize = 16;
 const INLINE_CONDITIONS: usize = 128;
 
-/// `"{environment key}_{identifier}"`.
-struct IdentityKey(String);
-
-impl IdentityKey {
-    fn new(environment_key: &str, identifier: &str) -> IdentityKey {
-        let mut key = String::with_capacity(environment_key.len() + 1 + identifier.len());
-        key.push_str(environment_key);
-        key.push('_');
-        key.push_str(identifier);
-        IdentityKey(key)
-    }
-
-    fn as_str(&self) -> &str {
-        &self.0
-    }
+/// `"{environment key}_{identifier}"`: what identity-keyed hashes and `$.identity.key` read.
+fn identity_key(environment_key: &str, identifier: &str) -> String {
+    [environment_key, "_", identifier].concat()
 }
 
 impl Evaluator {
