@@ -178,17 +178,7 @@ impl<'c> PgTx<'c> {
         for row in rows {
             let kind = identifier_kind(row.get(0))?.as_str();
             let value: String = row.get(1);
-            let profile = StoredProfileRow {
-                profile_id: row.get(2),
-                user_id: row.get(3),
-                identified: row.get(4),
-                traits_json: row.get(5),
-                trait_timestamps_json: row.get(6),
-                created_at: row.get(7),
-                updated_at: row.get(8),
-                merge_count: row.get(9),
-            }
-            .into_stored()?;
+            let profile = profile_from_columns(&row, 2).into_stored()?;
             self.prefetched.insert((environment_id, kind, value), Some(profile));
         }
         Ok(())
@@ -380,15 +370,20 @@ impl<'c> PgTx<'c> {
 }
 
 fn profile_from_row(row: &Row) -> StoredProfileRow {
+    profile_from_columns(row, 0)
+}
+
+/// The eight profile columns, in the order the queries select them, from column `first` on.
+fn profile_from_columns(row: &Row, first: usize) -> StoredProfileRow {
     StoredProfileRow {
-        profile_id: row.get(0),
-        user_id: row.get(1),
-        identified: row.get(2),
-        traits_json: row.get(3),
-        trait_timestamps_json: row.get(4),
-        created_at: row.get(5),
-        updated_at: row.get(6),
-        merge_count: row.get(7),
+        profile_id: row.get(first),
+        user_id: row.get(first + 1),
+        identified: row.get(first + 2),
+        traits_json: row.get(first + 3),
+        trait_timestamps_json: row.get(first + 4),
+        created_at: row.get(first + 5),
+        updated_at: row.get(first + 6),
+        merge_count: row.get(first + 7),
     }
 }
 
