@@ -127,9 +127,7 @@ async fn start_nodes(
 
 fn drop_schema(url: &str, schema: &str) -> anyhow::Result<()> {
     let mut client = postgres::Client::connect(url, postgres::NoTls)?;
-    client.batch_execute(&format!(
-        "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE; DROP SCHEMA IF EXISTS \"{schema}_views\" CASCADE"
-    ))?;
+    roster_store::drop_store_schema(&mut client, schema)?;
     Ok(())
 }
 

@@ -44,6 +44,8 @@ pub enum ErrorCode {
     QueryRefused,
     QueryFailed,
     QueryTimeout,
+    QueryUnavailable,
+    TooManyQueries,
     Internal,
 }
 
@@ -87,6 +89,8 @@ impl ErrorCode {
             ErrorCode::QueryRefused => "query_refused",
             ErrorCode::QueryFailed => "query_failed",
             ErrorCode::QueryTimeout => "query_timeout",
+            ErrorCode::QueryUnavailable => "query_unavailable",
+            ErrorCode::TooManyQueries => "too_many_queries",
             ErrorCode::Internal => "internal",
         }
     }

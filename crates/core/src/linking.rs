@@ -45,13 +45,26 @@ pub enum LinkTarget {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkWarning {
     /// The anonymous id belongs to another identified user; it was not linked and nothing merged.
-    AnonymousIdOwnedByOtherUser { anonymous_id: String, owner_profile_id: String },
+    /// The owner is named only to callers that may read other profiles (server keys).
+    AnonymousIdOwnedByOtherUser { anonymous_id: String, owner_profile_id: Option<String> },
     /// The email (trait) is another profile's email identifier: the trait is stored, the
     /// identifier stays with its owner.
     EmailOwnedByOtherProfile { email: String, owner_profile_id: String },
 }
 
 impl LinkWarning {
+    /// The warning as a public client key may hear it, which must not learn about other
+    /// profiles: the anonymous id's owner is not named, and a taken email is not mentioned at
+    /// all (answering it would tell anyone which emails are registered).
+    pub fn for_client_key(self) -> Option<LinkWarning> {
+        match self {
+            LinkWarning::AnonymousIdOwnedByOtherUser { anonymous_id, .. } => {
+                Some(LinkWarning::AnonymousIdOwnedByOtherUser { anonymous_id, owner_profile_id: None })
+            }
+            LinkWarning::EmailOwnedByOtherProfile { .. } => None,
+        }
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
             LinkWarning::AnonymousIdOwnedByOtherUser { .. } => "anonymous_id_owned_by_other_user",
@@ -61,9 +74,15 @@ impl LinkWarning {
 
     pub fn message(&self) -> String {
         match self {
-            LinkWarning::AnonymousIdOwnedByOtherUser { anonymous_id, owner_profile_id } => format!(
-                "anonymous_id `{anonymous_id}` belongs to another identified user (profile {owner_profile_id}); \
-                 it was not linked and no profiles were merged"
+            LinkWarning::AnonymousIdOwnedByOtherUser { anonymous_id, owner_profile_id: Some(owner_profile_id) } => {
+                format!(
+                    "anonymous_id `{anonymous_id}` belongs to another identified user (profile {owner_profile_id}); \
+                     it was not linked and no profiles were merged"
+                )
+            }
+            LinkWarning::AnonymousIdOwnedByOtherUser { anonymous_id, owner_profile_id: None } => format!(
+                "anonymous_id `{anonymous_id}` belongs to another identified user; it was not linked and no \
+                 profiles were merged"
             ),
             LinkWarning::EmailOwnedByOtherProfile { email, owner_profile_id } => format!(
                 "email `{email}` is the email identifier of another profile ({owner_profile_id}); the trait was \
@@ -161,7 +180,7 @@ pub fn plan_link(input: LinkInput<'_>) -> LinkPlan {
 fn owned_by_other_warning(anonymous_id: Option<&str>, owner: ProfileRef) -> LinkWarning {
     LinkWarning::AnonymousIdOwnedByOtherUser {
         anonymous_id: anonymous_id.unwrap_or_default().to_owned(),
-        owner_profile_id: owner.profile_id,
+        owner_profile_id: Some(owner.profile_id),
     }
 }
 

@@ -90,13 +90,26 @@ pub struct FlagAnswer {
     pub reason: String,
 }
 
+/// Where an evaluation's answer goes, which decides what of the stored profile it may show a
+/// client key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerSurface {
+    /// Roster's own `/v1/flags`: a client key sees no stored data it did not send.
+    Native,
+    /// Flagsmith's identities endpoint: Flagsmith answers with the identity's stored traits and
+    /// its client SDKs read them, so client keys see them unless the environment's
+    /// `flagsmith_client_key_reads_traits` setting is off.
+    FlagsmithIdentity,
+}
+
 /// An evaluation's answer: every flag, and the segments the identity is in.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct FlagsAnswer {
     /// The profile the identify landed on (`None` for the environment defaults, or when the
     /// user id is suppressed and nothing was stored).
     pub profile_id: Option<String>,
-    /// The traits the evaluation used (stored ones; transient ones are not listed).
+    /// The traits the evaluation used (stored ones; transient ones are not listed). For a client
+    /// key that may not read stored traits: only the traits its request sent.
     pub traits: Map<String, Value>,
     pub flags: Vec<FlagAnswer>,
     pub segments: Vec<SegmentRef>,
@@ -345,6 +358,7 @@ impl Engine {
         principal: &Principal,
         input: IdentifyInput,
         transient_traits: Map<String, Value>,
+        surface: AnswerSurface,
     ) -> EngineResult<FlagsAnswer> {
         let environment = principal.require_environment()?;
         self.config.limits.validate_trait_patch(&transient_traits, "transient_traits")?;
@@ -373,7 +387,8 @@ impl Engine {
             traits: &profile.traits,
             transient_traits: Some(&transient_traits),
         };
-        Ok(answer(&compiled, Some(&identity), Some(profile.profile_id.clone()), profile.traits.clone()))
+        let full = answer(&compiled, Some(&identity), Some(profile.profile_id.clone()), profile.traits.clone());
+        Ok(visible_to(full, principal, &sent_traits, surface))
     }
 
     /// Evaluates flags for an identity that is not stored (Flagsmith's transient identities):
@@ -487,6 +502,31 @@ async fn run_membership_pass(
         }
         after = next;
     }
+}
+
+/// What of an answer the caller may see. Server keys see everything. A client key sees no stored
+/// data it did not send: the traits its request sent (not the profile's others), and only the
+/// segments that decided one of the flags (membership of any other would tell about stored
+/// traits) — except where the surface and the environment let it read stored traits.
+fn visible_to(
+    mut answer: FlagsAnswer,
+    principal: &Principal,
+    sent_traits: &Map<String, Value>,
+    surface: AnswerSurface,
+) -> FlagsAnswer {
+    let Principal::Client(environment) = principal else { return answer };
+    if surface == AnswerSurface::FlagsmithIdentity && environment.settings.flagsmith_client_key_reads_traits {
+        return answer;
+    }
+    answer.traits =
+        sent_traits.iter().filter(|(_, value)| !value.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let deciding: Vec<String> = answer
+        .flags
+        .iter()
+        .filter_map(|flag| flag.reason.strip_prefix("TARGETING_MATCH; segment=").map(str::to_owned))
+        .collect();
+    answer.segments.retain(|segment| deciding.contains(&segment.name));
+    answer
 }
 
 fn answer(

@@ -11,6 +11,7 @@ use roster_core::{ErrorCode, FieldError, Timestamp};
 use roster_store::{EnvironmentId, EnvironmentRecord, NewEnvironment};
 use sha2::{Digest, Sha256};
 
+use crate::settings::EnvironmentSettings;
 use crate::{EngineError, EnvironmentKeys};
 
 const SERVER_KEY_PREFIX: &str = "ser.";
@@ -25,6 +26,7 @@ pub struct Environment {
     pub slug: String,
     pub name: String,
     pub client_key: String,
+    pub settings: EnvironmentSettings,
 }
 
 /// Who is calling, decided by the key they presented.
@@ -89,6 +91,7 @@ impl KeyIndex {
         for record in records {
             let environment = Arc::new(Environment {
                 id: record.id,
+                settings: EnvironmentSettings::from_stored(&record.slug, &record.settings),
                 slug: record.slug,
                 name: record.name,
                 client_key: record.client_key.clone(),
@@ -180,6 +183,7 @@ mod tests {
             client_key: client_key.into(),
             server_key_hash: hash_secret(server_key),
             created_at: Timestamp::from_micros(0),
+            settings: "{}".into(),
         }
     }
 

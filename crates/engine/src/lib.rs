@@ -7,6 +7,8 @@
 mod document;
 mod flags;
 mod keys;
+mod query_slots;
+mod settings;
 
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -20,12 +22,15 @@ use roster_core::{
 use roster_store::{QueryBounds, Store, StoreError, WritePolicy};
 use serde_json::{Map, Value};
 
-pub use flags::{CompiledFlags, FeatureView, FlagAnswer, FlagsAnswer, MembershipProgress, SegmentRef, SegmentView};
+pub use flags::{
+    AnswerSurface, CompiledFlags, FeatureView, FlagAnswer, FlagsAnswer, MembershipProgress, SegmentRef, SegmentView,
+};
 pub use keys::{Environment, KeyIndex, Principal};
 pub use roster_store::{
     Device, EventPage, IdentifyOutcome, MemberPage, MergeOutcome, Profile, ProfileFilter, ProfilePage, ProfileSelector,
     QueryOutput, SegmentMember, StoredEvent, TrackOutcome,
 };
+pub use settings::EnvironmentSettings;
 
 /// Errors of an engine operation, each mapping to one public error (status, code, message).
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +52,12 @@ pub enum EngineError {
     /// A user's SQL hit its time limit.
     #[error("{0}")]
     QueryTimeout(String),
+    /// Users' SQL cannot run on this store as configured.
+    #[error("{0}")]
+    QueryUnavailable(String),
+    /// The environment already runs as many queries as it may at once.
+    #[error("{0}")]
+    TooManyQueries(String),
     #[error("storage failed: {0}")]
     Store(StoreError),
 }
@@ -57,6 +68,7 @@ impl From<StoreError> for EngineError {
             StoreError::QueryRefused(message) => EngineError::QueryRefused(message),
             StoreError::QueryFailed(message) => EngineError::QueryFailed(message),
             timeout @ StoreError::QueryTimeout(_) => EngineError::QueryTimeout(timeout.to_string()),
+            StoreError::QueryUnavailable(message) => EngineError::QueryUnavailable(message),
             StoreError::InvalidInput(message) => EngineError::Invalid(FieldError::new(
                 ErrorCode::InvalidType,
                 "",
@@ -81,6 +93,16 @@ pub struct EngineConfig {
     pub query_timeout: Duration,
     /// Most rows a user's SQL answers; the answer says when it was cut.
     pub query_max_rows: usize,
+    /// Users' queries running at once over all environments.
+    pub query_concurrency: usize,
+    /// Users' queries running at once in one environment (so one cannot starve the others).
+    pub query_concurrency_per_environment: usize,
+}
+
+/// Queries at once by default: one per core (at least two), half of them for any one environment.
+pub fn default_query_concurrency() -> (usize, usize) {
+    let total = std::thread::available_parallelism().map_or(2, std::num::NonZero::get).max(2);
+    (total, (total / 2).max(1))
 }
 
 impl Default for EngineConfig {
@@ -91,6 +113,8 @@ impl Default for EngineConfig {
             trait_history_retention: Some(Duration::from_secs(365 * 24 * 3600)),
             query_timeout: Duration::from_secs(10),
             query_max_rows: 10_000,
+            query_concurrency: default_query_concurrency().0,
+            query_concurrency_per_environment: default_query_concurrency().1,
         }
     }
 }
@@ -179,13 +203,21 @@ pub struct Engine {
     key_changes: tokio::sync::Mutex<()>,
     /// Compiled segments and flags per environment.
     flags: flags::FlagState,
+    /// Turns for users' SQL, fair between environments.
+    query_slots: query_slots::QuerySlots,
 }
 
 impl Engine {
     /// Builds the engine over `store`, loading the environment keys.
     pub async fn new(store: Arc<dyn Store>, config: EngineConfig) -> EngineResult<Self> {
+        let query_slots = query_slots::QuerySlots::new(
+            config.query_concurrency,
+            config.query_concurrency_per_environment,
+            config.query_timeout,
+        );
         let engine = Engine {
             store,
+            query_slots,
             config,
             key_index: RwLock::new(Arc::new(KeyIndex::default())),
             key_changes: tokio::sync::Mutex::new(()),
@@ -255,6 +287,34 @@ impl Engine {
         Ok(EnvironmentKeys { slug: slug.to_owned(), client_key, server_key })
     }
 
+    /// Replaces the fields of an environment's settings that `patch` names (admin token).
+    pub async fn update_environment_settings(
+        &self,
+        principal: &Principal,
+        slug: &str,
+        patch: &Map<String, Value>,
+    ) -> EngineResult<Arc<Environment>> {
+        principal.require_admin()?;
+        let _serialised = self.key_changes.lock().await;
+        let Some(current) = self.current_keys().environments().into_iter().find(|environment| environment.slug == slug)
+        else {
+            return Err(EngineError::NotFound(format!("no environment has slug `{slug}`")));
+        };
+        let settings = current.settings.patched(patch)?;
+        let stored = serde_json::to_string(&settings)
+            .map_err(|error| EngineError::Store(StoreError::Database(error.to_string())))?;
+        if self.store.replace_environment_settings(slug, stored).await?.is_none() {
+            return Err(EngineError::NotFound(format!("no environment has slug `{slug}`")));
+        }
+        self.reload_keys().await?;
+        tracing::info!(slug, ?settings, "changed environment settings");
+        self.current_keys()
+            .environments()
+            .into_iter()
+            .find(|environment| environment.slug == slug)
+            .ok_or_else(|| EngineError::NotFound(format!("no environment has slug `{slug}`")))
+    }
+
     /// Server-key rights on an environment, for trusted local tools that already hold the data
     /// directory (the `roster query --data-dir` CLI). `None` when no environment has that slug.
     pub fn local_principal(&self, slug: &str) -> Option<Principal> {
@@ -288,7 +348,17 @@ impl Engine {
             })
             .collect();
         let policy = self.write_policy(environment.id).await?;
-        apply_in_order(commands, |commands| self.store.identify(environment.id, commands, policy)).await
+        let mut results =
+            apply_in_order(commands, |commands| self.store.identify(environment.id, commands, policy)).await?;
+        if matches!(principal, Principal::Client(_)) {
+            for outcome in results.iter_mut().flatten() {
+                outcome.warnings = std::mem::take(&mut outcome.warnings)
+                    .into_iter()
+                    .filter_map(roster_core::LinkWarning::for_client_key)
+                    .collect();
+            }
+        }
+        Ok(results)
     }
 
     fn identify_command(
@@ -473,6 +543,7 @@ impl Engine {
     pub async fn query(&self, principal: &Principal, sql: &str) -> EngineResult<QueryOutput> {
         let environment = principal.require_server()?;
         let bounds = QueryBounds { timeout: self.config.query_timeout, max_rows: self.config.query_max_rows };
+        let _turn = self.query_slots.turn(environment.id).await?;
         Ok(self.store.query(environment.id, sql, bounds).await?)
     }
 

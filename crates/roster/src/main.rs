@@ -126,6 +126,17 @@ struct ServeArgs {
     /// Most rows a SQL query answers.
     #[arg(long, env = "ROSTER_QUERY_MAX_ROWS", default_value_t = 10_000)]
     query_max_rows: usize,
+    /// SQL queries running at once over all environments (default: one per core, at least 2).
+    #[arg(long, env = "ROSTER_QUERY_CONCURRENCY", default_value_t = roster_engine::default_query_concurrency().0)]
+    query_concurrency: usize,
+    /// SQL queries running at once in one environment, so that one cannot starve the others
+    /// (default: half of `--query-concurrency`).
+    #[arg(
+        long,
+        env = "ROSTER_QUERY_CONCURRENCY_PER_ENVIRONMENT",
+        default_value_t = roster_engine::default_query_concurrency().1
+    )]
+    query_concurrency_per_environment: usize,
 }
 
 impl ServeArgs {
@@ -137,6 +148,8 @@ impl ServeArgs {
                 .then(|| Duration::from_secs(self.trait_history_days * 24 * 3600)),
             query_timeout: Duration::from_millis(self.query_timeout_ms),
             query_max_rows: self.query_max_rows,
+            query_concurrency: self.query_concurrency,
+            query_concurrency_per_environment: self.query_concurrency_per_environment,
         }
     }
 }

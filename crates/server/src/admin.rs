@@ -43,6 +43,25 @@ pub async fn create_environment(
     Ok((StatusCode::CREATED, Json(keys)))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateEnvironment {
+    settings: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `PATCH /v1/admin/environments/{slug}` `{"settings": {...}}`: replaces the settings named
+/// (`null` restores a default); answers the environment with all its settings.
+pub async fn update_environment(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(slug): Path<String>,
+    Body(bytes): Body,
+) -> Result<Json<Environment>, ApiError> {
+    let request: UpdateEnvironment = parse_document(&bytes)?;
+    let environment = state.engine.update_environment_settings(&principal, &slug, &request.settings).await?;
+    Ok(Json((*environment).clone()))
+}
+
 /// `POST /v1/admin/environments/{slug}/rotate-keys`: new client and server keys; the old ones stop
 /// working immediately.
 pub async fn rotate_keys(

@@ -41,7 +41,7 @@ impl PublicError {
 fn error_type(code: ErrorCode) -> &'static str {
     match code {
         ErrorCode::MissingApiKey | ErrorCode::InvalidApiKey | ErrorCode::Forbidden => "auth",
-        ErrorCode::Internal => "internal",
+        ErrorCode::Internal | ErrorCode::QueryUnavailable => "internal",
         _ => "invalid_request",
     }
 }
@@ -60,6 +60,8 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::NameTaken
         | ErrorCode::SegmentInUse => StatusCode::CONFLICT,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::QueryUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::TooManyQueries => StatusCode::TOO_MANY_REQUESTS,
         _ => StatusCode::BAD_REQUEST,
     }
 }
@@ -69,11 +71,18 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
 pub struct ApiError {
     pub status: StatusCode,
     pub body: PublicError,
+    /// Seconds after which a retry may succeed (`Retry-After`), for refusals under load.
+    pub retry_after_seconds: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { status: status_of(code), body: PublicError::new(code, message, None) }
+        ApiError { status: status_of(code), body: PublicError::new(code, message, None), retry_after_seconds: None }
+    }
+
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after_seconds = Some(seconds);
+        self
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
@@ -83,7 +92,7 @@ impl ApiError {
 
 impl From<FieldError> for ApiError {
     fn from(error: FieldError) -> Self {
-        ApiError { status: status_of(error.code), body: PublicError::from_field(&error) }
+        ApiError { status: status_of(error.code), body: PublicError::from_field(&error), retry_after_seconds: None }
     }
 }
 
@@ -97,6 +106,8 @@ impl From<EngineError> for ApiError {
             EngineError::QueryRefused(message) => ApiError::new(ErrorCode::QueryRefused, message),
             EngineError::QueryFailed(message) => ApiError::new(ErrorCode::QueryFailed, message),
             EngineError::QueryTimeout(message) => ApiError::new(ErrorCode::QueryTimeout, message),
+            EngineError::QueryUnavailable(message) => ApiError::new(ErrorCode::QueryUnavailable, message),
+            EngineError::TooManyQueries(message) => ApiError::new(ErrorCode::TooManyQueries, message).retry_after(1),
             EngineError::Store(store_error) => {
                 tracing::error!(error = %store_error, "store operation failed");
                 ApiError::new(ErrorCode::Internal, "the server could not complete the request; it was not applied")
@@ -107,6 +118,10 @@ impl From<EngineError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
+        let mut response = (self.status, Json(self.body)).into_response();
+        if let Some(seconds) = self.retry_after_seconds {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(seconds));
+        }
+        response
     }
 }

@@ -6,7 +6,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use roster_core::flags::{FeatureDefinition, IdentityOverride, SegmentDefinition};
 use roster_core::{ErrorCode, FieldError};
-use roster_engine::{FeatureView, FlagsAnswer, SegmentView};
+use roster_engine::{AnswerSurface, FeatureView, FlagsAnswer, SegmentView};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -236,7 +236,10 @@ pub async fn identify_and_evaluate(
     let rest = serde_json::value::to_raw_value(&document)
         .map_err(|error| ApiError::from(FieldError::new(ErrorCode::MalformedJson, "", error.to_string())))?;
     let identify: NativeIdentify = parse_item(&rest)?;
-    let answer = state.engine.identify_and_evaluate(&principal, identify.into_input()?, transient_traits).await?;
+    let answer = state
+        .engine
+        .identify_and_evaluate(&principal, identify.into_input()?, transient_traits, AnswerSurface::Native)
+        .await?;
     Ok(Json(answer))
 }
 

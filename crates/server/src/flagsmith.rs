@@ -5,7 +5,7 @@ use axum::Json;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use roster_core::{ErrorCode, FieldError};
-use roster_engine::{FlagAnswer, FlagsAnswer, IdentifyInput};
+use roster_engine::{AnswerSurface, FlagAnswer, FlagsAnswer, IdentifyInput};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -147,7 +147,7 @@ async fn identify_and_answer(
     } else {
         let input =
             IdentifyInput { user_id: Some(request.identifier.clone()), traits: stored, ..IdentifyInput::default() };
-        state.engine.identify_and_evaluate(principal, input, transient).await?
+        state.engine.identify_and_evaluate(principal, input, transient, AnswerSurface::FlagsmithIdentity).await?
     };
     Ok(identity_json(&request.identifier, &answer, environment_id))
 }
@@ -224,8 +224,11 @@ pub async fn increment_trait(
         trait_increments: increments,
         ..IdentifyInput::default()
     };
-    let answer =
-        state.engine.identify_and_evaluate(&principal, input, Map::new()).await.map_err(|error| match error {
+    let answer = state
+        .engine
+        .identify_and_evaluate(&principal, input, Map::new(), AnswerSurface::FlagsmithIdentity)
+        .await
+        .map_err(|error| match error {
             roster_engine::EngineError::Invalid(mut field) => {
                 field.path = field.path.replace(&format!("trait_increments.{}", request.trait_key), "increment_by");
                 ApiError::from(field)

@@ -118,6 +118,7 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
         .route("/api/v1/bulk-identities/", post(flagsmith::bulk_identities))
         .route("/api/v1/environment-document/", get(flagsmith::environment_document))
         .route("/v1/admin/environments", get(admin::list_environments).post(admin::create_environment))
+        .route("/v1/admin/environments/{slug}", axum::routing::patch(admin::update_environment))
         .route("/v1/admin/environments/{slug}/rotate-keys", post(admin::rotate_keys))
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/api.md") })
         .method_not_allowed_fallback(|| async {

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use roster_core::{ErrorCode, FieldError, Timestamp};
-use roster_engine::{AliasInput, IdentifyInput, IdentifyOutcome, TrackInput, TrackOutcome};
+use roster_engine::{AliasInput, IdentifyInput, IdentifyOutcome, Principal, TrackInput, TrackOutcome};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -223,7 +223,8 @@ pub async fn identify(
             rejection.message = rejection.message.replace("`traits", "`user_traits");
         }
     }
-    Ok(batch_response(&results, |index| items.item_path(index), identify_item))
+    let shown = OutcomeDetail::for_caller(&principal);
+    Ok(batch_response(&results, |index| items.item_path(index), |index, outcome| identify_item(index, outcome, shown)))
 }
 
 /// `POST /alias`, one or an array: links `previous_id` to the user under identify's rules.
@@ -235,7 +236,8 @@ pub async fn alias(
     let items = split_items(&bytes)?;
     let inputs = items.raw.iter().map(|raw| parse_item::<NativeAlias>(raw).and_then(NativeAlias::into_input)).collect();
     let results = state.engine.alias(&principal, inputs).await?;
-    Ok(batch_response(&results, |index| items.item_path(index), identify_item))
+    let shown = OutcomeDetail::for_caller(&principal);
+    Ok(batch_response(&results, |index| items.item_path(index), |index, outcome| identify_item(index, outcome, shown)))
 }
 
 /// `POST /track`, one event or an array; same auth, limits and durability as identify.
@@ -247,18 +249,42 @@ pub async fn track(
     let items = split_items(&bytes)?;
     let inputs = items.raw.iter().map(|raw| parse_item::<NativeTrack>(raw).and_then(NativeTrack::into_input)).collect();
     let results = state.engine.track(&principal, inputs).await?;
-    Ok(batch_response(&results, |index| items.item_path(index), track_item))
+    let shown = OutcomeDetail::for_caller(&principal);
+    Ok(batch_response(&results, |index| items.item_path(index), |index, outcome| track_item(index, outcome, shown)))
 }
 
-fn identify_item(index: usize, outcome: &IdentifyOutcome) -> ItemResponse {
+/// How much of an identify's outcome the caller hears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OutcomeDetail {
+    /// Server keys: whether the profile was new, what merged into it, whether the user id is
+    /// suppressed.
+    Full,
+    /// Client keys (public): nothing that tells whether a user id is known, merged or suppressed,
+    /// or anything about another profile — else a published key would answer "is this user
+    /// registered?".
+    Public,
+}
+
+impl OutcomeDetail {
+    fn for_caller(principal: &Principal) -> Self {
+        match principal {
+            Principal::Client(_) => OutcomeDetail::Public,
+            Principal::Server(_) | Principal::Admin => OutcomeDetail::Full,
+        }
+    }
+}
+
+fn identify_item(index: usize, outcome: &IdentifyOutcome, shown: OutcomeDetail) -> ItemResponse {
+    let full = shown == OutcomeDetail::Full;
     if outcome.suppressed {
-        return ItemResponse { suppressed: true, ..ItemResponse::accepted(index) };
+        return ItemResponse { suppressed: full, ..ItemResponse::accepted(index) };
     }
     ItemResponse {
         profile_id: Some(outcome.profile_id.clone()),
-        created: Some(outcome.created),
+        created: full.then_some(outcome.created),
         duplicate: outcome.duplicate,
-        merged_profile_ids: outcome.merged_profile_ids.clone(),
+        merged_profile_ids: if full { outcome.merged_profile_ids.clone() } else { Vec::new() },
+        // The engine already left out what a client key may not hear of other profiles.
         warnings: outcome
             .warnings
             .iter()
@@ -268,9 +294,10 @@ fn identify_item(index: usize, outcome: &IdentifyOutcome) -> ItemResponse {
     }
 }
 
-fn track_item(index: usize, outcome: &TrackOutcome) -> ItemResponse {
+fn track_item(index: usize, outcome: &TrackOutcome, shown: OutcomeDetail) -> ItemResponse {
     if outcome.suppressed {
-        return ItemResponse { suppressed: true, ..ItemResponse::accepted(index) };
+        let suppressed = shown == OutcomeDetail::Full;
+        return ItemResponse { suppressed, ..ItemResponse::accepted(index) };
     }
     ItemResponse {
         profile_id: Some(outcome.profile_id.clone()),

@@ -25,7 +25,7 @@ pub use model::{
     NewEnvironment, Profile, ProfileFilter, ProfilePage, ProfileSelector, QueryBounds, QueryOutput, SegmentMember,
     StoredEvent, TrackOutcome, WritePolicy,
 };
-pub use postgres::{PostgresOptions, PostgresStore};
+pub use postgres::{PostgresOptions, PostgresStore, drop_store_schema};
 pub use sqlite::SqliteStore;
 
 /// Failures of the storage layer itself (not of the caller's input, which are [`FieldError`]s).
@@ -54,6 +54,9 @@ pub enum StoreError {
     /// A user's SQL ran past its time limit and was stopped.
     #[error("the query ran longer than {0:?} and was stopped")]
     QueryTimeout(std::time::Duration),
+    /// Users' SQL cannot run on this store as configured (the message says what to change).
+    #[error("{0}")]
+    QueryUnavailable(String),
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -87,6 +90,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Fails with [`StoreError::Conflict`] when the slug or a key is taken.
     async fn create_environment(&self, environment: NewEnvironment) -> StoreResult<EnvironmentRecord>;
+
+    /// Replaces an environment's settings (a JSON object the engine reads and writes); `None`
+    /// when no environment has that slug.
+    async fn replace_environment_settings(
+        &self,
+        slug: &str,
+        settings: String,
+    ) -> StoreResult<Option<EnvironmentRecord>>;
 
     /// Replaces an environment's keys; `None` when no environment has that slug.
     async fn replace_environment_keys(

@@ -18,6 +18,8 @@ pub struct EnvironmentRecord {
     /// Secret: only its SHA-256 is kept, so a copy of the database does not leak working keys.
     pub server_key_hash: String,
     pub created_at: Timestamp,
+    /// The environment's settings as a JSON object (`{}` until one is set); the engine reads them.
+    pub settings: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

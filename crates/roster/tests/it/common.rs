@@ -6,7 +6,7 @@ use reqwest::StatusCode;
 use roster_core::Limits;
 use roster_engine::{Engine, EngineConfig, EnvironmentKeys};
 use roster_server::ServerConfig;
-use roster_store::SqliteStore;
+use roster_store::{PostgresOptions, PostgresStore, SqliteStore, Store};
 use serde_json::Value;
 
 pub struct TestServer {
@@ -15,7 +15,52 @@ pub struct TestServer {
     /// The `development` environment's keys.
     pub keys: EnvironmentKeys,
     pub http: reqwest::Client,
-    _data_directory: tempfile::TempDir,
+    /// What the server stores into, kept until the server is dropped.
+    _storage: Storage,
+}
+
+/// A test server's storage: a temporary data directory, or a PostgreSQL schema dropped (with the
+/// query roles made for it) at the end.
+enum Storage {
+    Directory(#[allow(dead_code)] tempfile::TempDir),
+    Postgres(PostgresSchema),
+}
+
+pub struct PostgresSchema {
+    pub url: String,
+    pub schema: String,
+}
+
+impl Drop for PostgresSchema {
+    fn drop(&mut self) {
+        let (url, schema) = (self.url.clone(), self.schema.clone());
+        // The blocking client must not run on the test's runtime.
+        let _ = std::thread::spawn(move || {
+            if let Ok(mut client) = postgres::Client::connect(&url, postgres::NoTls) {
+                let _ = roster_store::drop_store_schema(&mut client, &schema);
+            }
+        })
+        .join();
+    }
+}
+
+/// The PostgreSQL test database's URL, or `None` after saying the test is skipped.
+pub fn postgres_url(test: &str) -> Option<String> {
+    match std::env::var("ROSTER_TEST_DATABASE_URL") {
+        Ok(url) => Some(url),
+        Err(_) => {
+            skipped(test, "set ROSTER_TEST_DATABASE_URL (.ci/run does)");
+            None
+        }
+    }
+}
+
+/// A fresh schema name for one test.
+pub fn fresh_schema(prefix: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let next = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix}_{}_{nanos:x}_{next}", std::process::id())
 }
 
 impl TestServer {
@@ -30,7 +75,33 @@ impl TestServer {
     pub async fn start_with_config(engine_config: EngineConfig, config: ServerConfig) -> Self {
         let data_directory = tempfile::tempdir().expect("temp dir");
         let store = SqliteStore::open(data_directory.path()).expect("open store");
-        let engine = Arc::new(Engine::new(Arc::new(store), engine_config).await.expect("engine"));
+        TestServer::start_on(Arc::new(store), Storage::Directory(data_directory), engine_config, config).await
+    }
+
+    /// A server on a fresh schema of the PostgreSQL test database at `url`.
+    pub async fn start_postgres(url: &str, engine_config: EngineConfig, config: ServerConfig) -> Self {
+        let schema = fresh_schema("roster_it");
+        let options = PostgresOptions { schema: Some(schema.clone()), ..PostgresOptions::new(url) };
+        let storage = Storage::Postgres(PostgresSchema { url: url.to_owned(), schema });
+        let store = PostgresStore::connect(options).await.expect("connect to the test database");
+        TestServer::start_on(Arc::new(store), storage, engine_config, config).await
+    }
+
+    /// The PostgreSQL schema the server stores into, if it is on PostgreSQL.
+    pub fn postgres_schema(&self) -> Option<&PostgresSchema> {
+        match &self._storage {
+            Storage::Postgres(schema) => Some(schema),
+            Storage::Directory(_) => None,
+        }
+    }
+
+    async fn start_on(
+        store: Arc<dyn Store>,
+        storage: Storage,
+        engine_config: EngineConfig,
+        config: ServerConfig,
+    ) -> Self {
+        let engine = Arc::new(Engine::new(store, engine_config).await.expect("engine"));
         let credentials = engine.bootstrap_if_empty().await.expect("bootstrap").expect("fresh store bootstraps");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base_url = format!("http://{}", listener.local_addr().expect("address"));
@@ -40,7 +111,7 @@ impl TestServer {
             admin_token: credentials.admin_token,
             keys: credentials.environments.into_iter().next().expect("development environment"),
             http: reqwest::Client::new(),
-            _data_directory: data_directory,
+            _storage: storage,
         }
     }
 
@@ -92,6 +163,14 @@ impl TestServer {
     /// Identifies with the development client key and asserts it was accepted; returns the item.
     pub async fn identify(&self, body: Value) -> Value {
         let (status, response) = self.post("/identify", &self.keys.client_key, &body).await;
+        assert_eq!(status, StatusCode::OK, "identify failed: {response}");
+        response["results"][0].clone()
+    }
+
+    /// Identifies with the development server key (which hears every detail of the outcome) and
+    /// asserts it was accepted; returns the item.
+    pub async fn identify_with_server_key(&self, body: Value) -> Value {
+        let (status, response) = self.post("/identify", &self.keys.server_key, &body).await;
         assert_eq!(status, StatusCode::OK, "identify failed: {response}");
         response["results"][0].clone()
     }

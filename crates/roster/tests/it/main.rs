@@ -21,4 +21,5 @@ mod node_sdks;
 mod openapi;
 mod profiles;
 mod query;
+mod security;
 mod segment;

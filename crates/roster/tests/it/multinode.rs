@@ -241,7 +241,7 @@ async fn two_nodes_on_one_database_lose_nothing_when_one_is_killed() {
                 client.query_one("SELECT count(*) FROM events WHERE message_id = $1", &[message_id]).unwrap().get(0);
             assert_eq!(count, 1, "acknowledged event {message_id}");
         }
-        client.batch_execute(&format!("DROP SCHEMA \"{schema_for_check}\" CASCADE; DROP SCHEMA \"{schema_for_check}_views\" CASCADE")).unwrap();
+        roster_store::drop_store_schema(&mut client, &schema_for_check).unwrap();
     })
     .join()
     .expect("database checks");
@@ -341,9 +341,7 @@ async fn configuration_changed_on_one_node_reaches_the_other_within_the_bound() 
     drop((writer, reader));
     let _ = std::thread::spawn(move || {
         let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        client
-            .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE; DROP SCHEMA \"{schema}_views\" CASCADE"))
-            .unwrap();
+        roster_store::drop_store_schema(&mut client, &schema).unwrap();
     })
     .join();
 }

@@ -11,6 +11,7 @@
 
 mod flags;
 mod query;
+mod sandbox;
 mod tx;
 
 use std::collections::HashMap;
@@ -35,11 +36,13 @@ use crate::resolution::{
 use crate::rows::{parse_event_cursor, parse_object};
 use crate::{ItemResult, Store, StoreError, StoreResult, TrackResult};
 
+pub use sandbox::drop_store_schema;
 pub use tx::PgTx;
 
 /// Schema migrations, applied in order under an advisory lock (several nodes may start at once);
 /// `roster_schema_versions` records which ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE settings (
         name TEXT PRIMARY KEY,
         value TEXT NOT NULL
@@ -169,10 +172,18 @@ const MIGRATIONS: &[&str] = &[r#"
     );
     CREATE INDEX segment_memberships_by_segment ON segment_memberships (environment_id, segment_id, exited_at, profile_id);
     CREATE INDEX segment_memberships_by_profile ON segment_memberships (environment_id, profile_id, exited_at);
-"#];
-
-/// Key of the advisory lock migrations run under (any constant unlikely to clash).
-const MIGRATION_LOCK: i64 = 0x726f_7374_6572; // "roster"
+"#,
+    r#"
+    CREATE TABLE query_roles (
+        environment_id BIGINT PRIMARY KEY,
+        role_name TEXT NOT NULL UNIQUE,
+        password TEXT NOT NULL,
+        views_version INTEGER NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    ALTER TABLE environments ADD COLUMN settings TEXT NOT NULL DEFAULT '{}';
+"#,
+];
 
 const ADMIN_TOKEN_SETTING: &str = "admin_token_hash";
 
@@ -259,8 +270,16 @@ impl Workers {
     }
 }
 
-/// First key of Roster's environment write locks ("Rost"); the second is the environment.
-const ENVIRONMENT_LOCK_CLASS: i32 = 0x526f_7374;
+/// The schema of the environments' write-lock tables: Roster's role alone can use it, so no
+/// user's SQL can take, or even queue for, one of Roster's locks.
+fn locks_schema(store_schema: &str) -> String {
+    format!("{store_schema}_locks")
+}
+
+/// The (empty) table whose lock is environment `environment_id`'s write lock.
+fn environment_lock_table(environment_id: EnvironmentId) -> String {
+    format!("environment_write_lock_{environment_id}")
+}
 
 /// How a unit of work runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,7 +293,12 @@ enum Mode {
 pub struct PostgresStore {
     pool: Arc<Pool>,
     workers: Workers,
+    sandbox: Arc<sandbox::QuerySandbox>,
 }
+
+/// Longest store schema name: the environments' views schemas add `_env_` and the id, and
+/// PostgreSQL names hold 63 bytes.
+const MAX_SCHEMA_NAME_BYTES: usize = 48;
 
 fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -311,15 +335,22 @@ impl PostgresStore {
         let config: postgres::Config =
             options.url.parse().map_err(|error| StoreError::Database(format!("invalid PostgreSQL URL: {error}")))?;
         let schema = options.schema.clone().unwrap_or_else(|| "public".to_owned());
+        if schema.len() > MAX_SCHEMA_NAME_BYTES {
+            return Err(StoreError::Database(format!(
+                "the PostgreSQL schema name `{schema}` is longer than {MAX_SCHEMA_NAME_BYTES} bytes"
+            )));
+        }
         let pool = Arc::new(Pool { config, schema });
         let migrating = Arc::clone(&pool);
         let (done, migrated) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
-            let _ = done.send(migrate(&migrating));
+            let started =
+                migrate(&migrating).and_then(|mut client| sandbox::QuerySandbox::start(migrating, &mut client));
+            let _ = done.send(started);
         });
-        migrated.await.map_err(|_| StoreError::Database("the migration thread stopped".into()))??;
+        let sandbox = migrated.await.map_err(|_| StoreError::Database("the migration thread stopped".into()))??;
         let workers = Workers::start(&pool, options.max_connections.max(2))?;
-        Ok(PostgresStore { pool, workers })
+        Ok(PostgresStore { pool, workers, sandbox: Arc::new(sandbox) })
     }
 
     /// Runs `work` on one of the connection threads.
@@ -345,7 +376,7 @@ impl PostgresStore {
         T: Send + 'static,
         F: FnMut(&mut PgTx<'_>) -> StoreResult<T> + Send + 'static,
     {
-        self.on_connection(move |connection| run_on(connection, mode, &mut work)).await
+        self.on_connection(move |connection| run_on(connection, mode, None, &mut work)).await
     }
 
     async fn write<T, F>(&self, work: F) -> StoreResult<T>
@@ -359,28 +390,22 @@ impl PostgresStore {
     /// A write transaction holding the environment's write lock: writers of one environment
     /// take turns (across all nodes), so they never conflict with each other; SERIALIZABLE and
     /// the retries remain as the safety net for anything else.
+    ///
+    /// The lock is `LOCK TABLE` on the environment's own lock table, taken as the transaction's
+    /// first statement: it takes no snapshot, so the snapshot is fresh after the wait. Unlike an
+    /// advisory lock, no other role can take it: the lock tables live in a schema users' SQL
+    /// cannot even name (see `sandbox`).
     async fn write_in<T, F>(&self, environment_id: EnvironmentId, mut work: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnMut(&mut PgTx<'_>) -> StoreResult<T> + Send + 'static,
     {
-        self.on_connection(move |connection| {
-            let environment_key = environment_id as i32;
-            connection
-                .client
-                .execute("SELECT pg_advisory_lock($1, $2)", &[&ENVIRONMENT_LOCK_CLASS, &environment_key])?;
-            let outcome = run_on(connection, Mode::Write, &mut work);
-            // Unlocked whatever the outcome; a broken connection's session (and lock) is gone.
-            if let Err(error) = connection
-                .client
-                .execute("SELECT pg_advisory_unlock($1, $2)", &[&ENVIRONMENT_LOCK_CLASS, &environment_key])
-            {
-                tracing::warn!(%error, "postgres environment lock release failed; releasing every lock of the session");
-                let _ = connection.client.batch_execute("SELECT pg_advisory_unlock_all()");
-            }
-            outcome
-        })
-        .await
+        let lock = format!(
+            "LOCK TABLE {}.{} IN EXCLUSIVE MODE",
+            quote_identifier(&locks_schema(&self.pool.schema)),
+            environment_lock_table(environment_id)
+        );
+        self.on_connection(move |connection| run_on(connection, Mode::Write, Some(&lock), &mut work)).await
     }
 
     async fn read<T, F>(&self, work: F) -> StoreResult<T>
@@ -401,22 +426,27 @@ fn named_ids<'c, C>(
     commands.iter().flat_map(ids_of).filter_map(|id| id.as_deref()).filter(move |id| seen.insert(*id))
 }
 
-/// Runs `work` in a transaction of the given mode; conflicts of a write start it over.
+/// Runs `work` in a transaction of the given mode, after `first_statement` (a lock that must be
+/// taken before the snapshot); conflicts of a write start it over.
 fn run_on<T>(
     connection: &mut PgConnection,
     mode: Mode,
+    first_statement: Option<&str>,
     work: &mut dyn FnMut(&mut PgTx<'_>) -> StoreResult<T>,
 ) -> StoreResult<T> {
     let mut attempt = 0;
     loop {
         attempt += 1;
         let PgConnection { client, statements } = connection;
-        let transaction = match mode {
+        let mut transaction = match mode {
             Mode::Write => client.build_transaction().isolation_level(IsolationLevel::Serializable).start()?,
             Mode::Read => {
                 client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start()?
             }
         };
+        if let Some(first_statement) = first_statement {
+            transaction.batch_execute(first_statement)?;
+        }
         let mut tx = PgTx::new(transaction, statements);
         let outcome = work(&mut tx).and_then(|value| tx.commit().map(|()| value));
         match outcome {
@@ -430,39 +460,69 @@ fn run_on<T>(
     }
 }
 
-fn migrate(pool: &Pool) -> StoreResult<()> {
+/// Applies the migrations; answers the connection it used.
+fn migrate(pool: &Pool) -> StoreResult<Client> {
     let mut client = pool.config.connect(NoTls)?;
-    client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_identifier(&pool.schema)))?;
-    client.batch_execute(&format!("SET search_path TO {}", quote_identifier(&pool.schema)))?;
-    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])?;
-    let result = (|| -> StoreResult<()> {
-        client.batch_execute(
-            "CREATE TABLE IF NOT EXISTS roster_schema_versions (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)",
+    let schema = quote_identifier(&pool.schema);
+    // Two nodes starting at once may race to create the schema and the versions table; the loser
+    // of such a race sees a unique violation and simply tries again.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let created = client.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}; \
+             CREATE TABLE IF NOT EXISTS roster_schema_versions (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)"
+        ));
+        match created {
+            Ok(()) => break,
+            Err(error) if attempt < 5 && error.code() == Some(&SqlState::UNIQUE_VIOLATION) => continue,
+            Err(error) => return Err(error.into()),
+        }
+    }
+    // One transaction holding the versions table's lock (no advisory lock: users' SQL could take
+    // those): other starting nodes wait, then find everything applied.
+    let mut transaction = client.transaction()?;
+    transaction.batch_execute("LOCK TABLE roster_schema_versions IN ACCESS EXCLUSIVE MODE")?;
+    let applied: i64 = transaction.query_one("SELECT count(*) FROM roster_schema_versions", &[])?.get::<_, i64>(0);
+    let applied = usize::try_from(applied).unwrap_or(0);
+    if applied > MIGRATIONS.len() {
+        return Err(StoreError::Database(format!(
+            "the database schema (version {applied}) is newer than this roster (version {}); upgrade roster",
+            MIGRATIONS.len()
+        )));
+    }
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
+        transaction.batch_execute(migration)?;
+        let version = i32::try_from(index + 1).unwrap_or(i32::MAX);
+        transaction.execute(
+            "INSERT INTO roster_schema_versions (version, applied_at) VALUES ($1, $2)",
+            &[&version, &now().as_micros()],
         )?;
-        let applied: i64 = client.query_one("SELECT count(*) FROM roster_schema_versions", &[])?.get::<_, i64>(0);
-        let applied = usize::try_from(applied).unwrap_or(0);
-        if applied > MIGRATIONS.len() {
-            return Err(StoreError::Database(format!(
-                "the database schema (version {applied}) is newer than this roster (version {}); upgrade roster",
-                MIGRATIONS.len()
-            )));
-        }
-        for (index, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
-            let mut transaction = client.transaction()?;
-            transaction.batch_execute(migration)?;
-            let version = i32::try_from(index + 1).unwrap_or(i32::MAX);
-            transaction.execute(
-                "INSERT INTO roster_schema_versions (version, applied_at) VALUES ($1, $2)",
-                &[&version, &now().as_micros()],
-            )?;
-            transaction.commit()?;
-            tracing::info!(version, "applied postgres schema migration");
-        }
-        query::install_views(&mut client, &pool.schema)?;
-        Ok(())
-    })();
-    client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])?;
-    result
+        tracing::info!(version, "applied postgres schema migration");
+    }
+    // Views shared by all environments, filtered by a setting, from before per-environment
+    // query roles: gone, since a setting is something a query could change.
+    transaction.batch_execute(&format!(
+        "DROP SCHEMA IF EXISTS {} CASCADE; CREATE SCHEMA IF NOT EXISTS {}",
+        quote_identifier(&format!("{}_views", pool.schema)),
+        quote_identifier(&locks_schema(&pool.schema))
+    ))?;
+    let environment_ids: Vec<EnvironmentId> =
+        transaction.query("SELECT environment_id FROM environments", &[])?.iter().map(|row| row.get(0)).collect();
+    for environment_id in environment_ids {
+        transaction.batch_execute(&create_lock_table(&pool.schema, environment_id))?;
+    }
+    transaction.commit()?;
+    Ok(client)
+}
+
+/// Creates environment `environment_id`'s write-lock table if it is missing.
+fn create_lock_table(store_schema: &str, environment_id: EnvironmentId) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {}.{} ()",
+        quote_identifier(&locks_schema(store_schema)),
+        environment_lock_table(environment_id)
+    )
 }
 
 fn now() -> Timestamp {
@@ -481,10 +541,15 @@ fn environment_from_row(row: &postgres::Row) -> EnvironmentRecord {
         client_key: row.get(3),
         server_key_hash: row.get(4),
         created_at: Timestamp::from_micros(row.get(5)),
+        settings: row.get(6),
     }
 }
 
-fn insert_environment(tx: &mut PgTx<'_>, environment: &NewEnvironment) -> StoreResult<EnvironmentRecord> {
+fn insert_environment(
+    tx: &mut PgTx<'_>,
+    store_schema: &str,
+    environment: &NewEnvironment,
+) -> StoreResult<EnvironmentRecord> {
     // A taken slug or key is a conflict to report, not a race to retry: check first.
     let taken = tx.query_opt(
         "SELECT 1 FROM environments WHERE slug = $1 OR client_key = $2 OR server_key_hash = $3",
@@ -504,13 +569,16 @@ fn insert_environment(tx: &mut PgTx<'_>, environment: &NewEnvironment) -> StoreR
             &environment.created_at.as_micros(),
         ],
     )?;
+    let environment_id: EnvironmentId = row.get(0);
+    tx.raw()?.batch_execute(&create_lock_table(store_schema, environment_id))?;
     Ok(EnvironmentRecord {
-        id: row.get(0),
+        id: environment_id,
         slug: environment.slug.clone(),
         name: environment.name.clone(),
         client_key: environment.client_key.clone(),
         server_key_hash: environment.server_key_hash.clone(),
         created_at: environment.created_at,
+        settings: "{}".to_owned(),
     })
 }
 
@@ -525,6 +593,7 @@ impl Store for PostgresStore {
         first_environment: NewEnvironment,
         admin_token_hash: String,
     ) -> StoreResult<Option<EnvironmentRecord>> {
+        let schema = self.pool.schema.clone();
         self.write(move |tx| {
             if tx.query_opt("SELECT value FROM settings WHERE name = $1", &[&ADMIN_TOKEN_SETTING])?.is_some() {
                 return Ok(None);
@@ -533,7 +602,7 @@ impl Store for PostgresStore {
                 "INSERT INTO settings (name, value) VALUES ($1, $2)",
                 &[&ADMIN_TOKEN_SETTING, &admin_token_hash],
             )?;
-            insert_environment(tx, &first_environment).map(Some)
+            insert_environment(tx, &schema, &first_environment).map(Some)
         })
         .await
     }
@@ -550,14 +619,30 @@ impl Store for PostgresStore {
     async fn environments(&self) -> StoreResult<Vec<EnvironmentRecord>> {
         self.read(|tx| {
             const SQL: &str =
-                "SELECT environment_id, slug, name, client_key, server_key_hash, created_at FROM environments ORDER BY environment_id";
+                "SELECT environment_id, slug, name, client_key, server_key_hash, created_at, settings FROM environments ORDER BY environment_id";
             Ok(tx.query(SQL, &[])?.iter().map(environment_from_row).collect())
         })
         .await
     }
 
     async fn create_environment(&self, environment: NewEnvironment) -> StoreResult<EnvironmentRecord> {
-        self.write(move |tx| insert_environment(tx, &environment)).await
+        let schema = self.pool.schema.clone();
+        self.write(move |tx| insert_environment(tx, &schema, &environment)).await
+    }
+
+    async fn replace_environment_settings(
+        &self,
+        slug: &str,
+        settings: String,
+    ) -> StoreResult<Option<EnvironmentRecord>> {
+        let slug = slug.to_owned();
+        self.write(move |tx| {
+            tx.execute("UPDATE environments SET settings = $2 WHERE slug = $1", &[&slug, &settings])?;
+            const SQL: &str = "SELECT environment_id, slug, name, client_key, server_key_hash, created_at, settings \
+                 FROM environments WHERE slug = $1";
+            Ok(tx.query_opt(SQL, &[&slug])?.as_ref().map(environment_from_row))
+        })
+        .await
     }
 
     async fn replace_environment_keys(
@@ -573,7 +658,7 @@ impl Store for PostgresStore {
                 &[&slug, &client_key, &server_key_hash],
             )?;
             const SQL: &str =
-                "SELECT environment_id, slug, name, client_key, server_key_hash, created_at FROM environments WHERE slug = $1";
+                "SELECT environment_id, slug, name, client_key, server_key_hash, created_at, settings FROM environments WHERE slug = $1";
             Ok(tx.query_opt(SQL, &[&slug])?.as_ref().map(environment_from_row))
         })
         .await
@@ -665,8 +750,17 @@ impl Store for PostgresStore {
     async fn query(&self, environment_id: EnvironmentId, sql: &str, bounds: QueryBounds) -> StoreResult<QueryOutput> {
         query::check_statement(sql)?;
         let sql = sql.to_owned();
-        let schema = self.pool.schema.clone();
-        self.run(Mode::Read, move |tx| query::run(tx, &schema, environment_id, &sql, &bounds)).await
+        let sandbox = Arc::clone(&self.sandbox);
+        // The blocking client must not run on a Tokio thread; a query is long enough that a
+        // thread of its own costs nothing noticeable.
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("roster-postgres-query".into())
+            .spawn(move || {
+                let _ = reply.send(sandbox.run(environment_id, &sql, &bounds));
+            })
+            .map_err(|error| StoreError::Database(format!("cannot start a query thread: {error}")))?;
+        answer.await.map_err(|_| StoreError::Database("the query thread stopped".into()))?
     }
 
     async fn merge_profiles(
@@ -939,7 +1033,7 @@ mod contract_tests {
             // Dropping from a plain thread: the blocking client must not run on the runtime.
             let _ = std::thread::spawn(move || {
                 if let Ok(mut client) = postgres::Client::connect(&url, postgres::NoTls) {
-                    let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"));
+                    let _ = super::drop_store_schema(&mut client, &schema);
                 }
             })
             .join();
@@ -963,4 +1057,53 @@ mod contract_tests {
     }
 
     crate::store_contract_suite!(fresh_store());
+
+    /// A query's session state (settings, advisory locks) does not outlive it: the next query on
+    /// the same connection finds none of it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn query_connections_are_reset_after_every_query() {
+        let Ok(url) = std::env::var("ROSTER_TEST_DATABASE_URL") else { return };
+        let schema = format!("roster_test_{}", uuid::Uuid::now_v7().simple());
+        let _guard = SchemaGuard { url: url.clone(), schema: schema.clone() };
+        let options = PostgresOptions { schema: Some(schema.clone()), ..PostgresOptions::new(url) };
+        let store = PostgresStore::connect(options).await.expect("connect to the test database");
+        let environment = store
+            .create_environment(crate::NewEnvironment {
+                slug: "production".into(),
+                name: "production".into(),
+                client_key: "client".into(),
+                server_key_hash: "hash".into(),
+                created_at: roster_core::Timestamp::from_micros(1),
+            })
+            .await
+            .unwrap();
+        let sandbox = Arc::clone(&store.sandbox);
+        let bounds = crate::QueryBounds { timeout: std::time::Duration::from_secs(5), max_rows: 10 };
+        let outputs = tokio::task::spawn_blocking(move || {
+            // Statements the checker would refuse, run on the sandbox directly: the reset must
+            // hold even for what gets past the checker.
+            let first = sandbox
+                .run(
+                    environment.id,
+                    "SELECT pg_backend_pid(), set_config('roster.probe', 'leaked', false), pg_advisory_lock(7)",
+                    &bounds,
+                )
+                .unwrap();
+            let second = sandbox
+                .run(
+                    environment.id,
+                    "SELECT pg_backend_pid(), current_setting('roster.probe', true), \
+                     (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())",
+                    &bounds,
+                )
+                .unwrap();
+            (first, second)
+        })
+        .await
+        .unwrap();
+        let (first, second) = outputs;
+        assert_eq!(first.rows[0][0], second.rows[0][0], "the connection was reused");
+        assert!(matches!(second.rows[0][1].as_str(), None | Some("")), "setting survived: {:?}", second.rows);
+        assert_eq!(second.rows[0][2], serde_json::json!(0), "advisory lock survived");
+    }
 }

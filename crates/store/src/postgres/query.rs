@@ -9,19 +9,17 @@
 //! environment setting (`set_config` is not on the list), or run SQL text (`query_to_xml`, ...).
 //! Results are fetched through a cursor, so rows past the cap are never produced.
 
-use std::collections::HashSet;
 use std::ops::ControlFlow;
 
+use postgres::SimpleQueryMessage;
 use postgres::error::SqlState;
 use postgres::types::Type;
-use postgres::{Client, SimpleQueryMessage};
 use serde_json::Value;
-use sqlparser::ast::{Expr, ObjectName, ObjectNamePart, Query, Statement, Visit, Visitor};
+use sqlparser::ast::{Expr, ObjectName, ObjectNamePart, Query, SetExpr, Statement, TableFactor, Visit, Visitor};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
-use super::PgTx;
-use crate::model::{EnvironmentId, QueryBounds, QueryOutput};
+use crate::model::{QueryBounds, QueryOutput};
 use crate::{StoreError, StoreResult};
 
 /// The views users query.
@@ -153,134 +151,146 @@ const FUNCTIONS: &[&str] = &[
 /// Largest answer in bytes of values; past it the answer is cut and marked truncated.
 const MAX_OUTPUT_BYTES: usize = 64 * 1024 * 1024;
 
-/// The schema the views live in, beside the store's schema.
-pub(super) fn views_schema(store_schema: &str) -> String {
-    format!("{store_schema}_views")
+/// The names a relation may resolve to at one level of nesting: the CTEs of that query.
+struct Scope {
+    /// The query this scope belongs to (compared by address, never dereferenced).
+    query: *const Query,
+    /// CTE names visible inside this query's body.
+    names: Vec<String>,
+    /// For a CTE's own body: the CTEs defined before it (and itself when recursive), and whether
+    /// the scope of the query defining it is to be skipped (it lists later siblings too, which
+    /// PostgreSQL does not let a non-recursive CTE see: there such a name means a real table).
+    hides_parent: bool,
+    /// The CTE bodies this query defines, with the names each may see.
+    cte_bodies: Vec<(*const Query, Vec<String>)>,
 }
 
-fn iso_time(column: &str) -> String {
-    format!("to_char(to_timestamp({column} / 1000000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
-}
-
-/// Creates or replaces the views (run with the migrations; views hold no data).
-pub(super) fn install_views(client: &mut Client, store_schema: &str) -> StoreResult<()> {
-    let store = super::quote_identifier(store_schema);
-    let views = super::quote_identifier(&views_schema(store_schema));
-    let environment = "current_setting('roster.environment_id')::bigint";
-    let sql = format!(
-        "CREATE SCHEMA IF NOT EXISTS {views};
-        CREATE OR REPLACE VIEW {views}.identities AS SELECT
-            p.profile_id AS profile_id,
-            e.slug AS environment,
-            p.user_id AS distinct_id,
-            (SELECT COALESCE(json_agg(i.value ORDER BY i.value), '[]'::json)::text FROM {store}.identifiers i
-                WHERE i.environment_id = p.environment_id AND i.profile_id = p.profile_id AND i.kind = 'anonymous_id')
-                AS anonymous_ids,
-            p.traits ->> 'email' AS email,
-            p.traits AS traits,
-            p.identified::int AS identified,
-            {created_at} AS created_at,
-            {updated_at} AS updated_at
-         FROM {store}.profiles p JOIN {store}.environments e ON e.environment_id = p.environment_id
-         WHERE p.environment_id = {environment};
-        CREATE OR REPLACE VIEW {views}.events AS SELECT
-            ev.event_id AS event_id,
-            e.slug AS environment,
-            ev.profile_id AS profile_id,
-            ev.distinct_id AS distinct_id,
-            ev.anonymous_id AS anonymous_id,
-            ev.event AS event,
-            ev.properties AS properties,
-            {timestamp} AS timestamp,
-            {received_at} AS received_at,
-            ev.identity_traits AS identity_traits
-         FROM {store}.events ev JOIN {store}.environments e ON e.environment_id = ev.environment_id
-         WHERE ev.environment_id = {environment};
-        CREATE OR REPLACE VIEW {views}.trait_changes AS SELECT
-            h.profile_id AS profile_id,
-            e.slug AS environment,
-            p.user_id AS distinct_id,
-            c.value ->> 'key' AS key,
-            c.value ->> 'old' AS old_value,
-            c.value ->> 'new' AS new_value,
-            {changed_at} AS timestamp,
-            {recorded_at} AS recorded_at
-         FROM {store}.trait_history h CROSS JOIN LATERAL jsonb_array_elements(h.changes) AS c(value)
-         JOIN {store}.environments e ON e.environment_id = h.environment_id
-         LEFT JOIN {store}.profiles p ON p.environment_id = h.environment_id AND p.profile_id = h.profile_id
-         WHERE h.environment_id = {environment};
-        CREATE OR REPLACE VIEW {views}.devices AS SELECT
-            d.token AS token,
-            e.slug AS environment,
-            d.profile_id AS profile_id,
-            p.user_id AS distinct_id,
-            d.platform AS platform,
-            d.attributes AS attributes,
-            {last_used} AS last_used,
-            d.last_status AS last_status,
-            {device_created_at} AS created_at,
-            {device_updated_at} AS updated_at
-         FROM {store}.devices d JOIN {store}.environments e ON e.environment_id = d.environment_id
-         LEFT JOIN {store}.profiles p ON p.environment_id = d.environment_id AND p.profile_id = d.profile_id
-         WHERE d.environment_id = {environment};
-        CREATE OR REPLACE VIEW {views}.segment_memberships AS SELECT
-            m.segment_id AS segment_id,
-            s.name AS segment,
-            e.slug AS environment,
-            m.profile_id AS profile_id,
-            p.user_id AS distinct_id,
-            {entered_at} AS entered_at,
-            {exited_at} AS exited_at,
-            (m.exited_at IS NULL)::int AS is_member
-         FROM {store}.segment_memberships m
-         JOIN {store}.segments s ON s.segment_id = m.segment_id
-         JOIN {store}.environments e ON e.environment_id = m.environment_id
-         LEFT JOIN {store}.profiles p ON p.environment_id = m.environment_id AND p.profile_id = m.profile_id
-         WHERE m.environment_id = {environment};",
-        created_at = iso_time("p.created_at"),
-        updated_at = iso_time("p.updated_at"),
-        timestamp = iso_time("ev.timestamp"),
-        received_at = iso_time("ev.received_at"),
-        changed_at = iso_time("(c.value ->> 'at')::bigint"),
-        recorded_at = iso_time("h.recorded_at"),
-        last_used = iso_time("d.last_used"),
-        device_created_at = iso_time("d.created_at"),
-        device_updated_at = iso_time("d.updated_at"),
-        entered_at = iso_time("m.entered_at"),
-        exited_at = iso_time("m.exited_at"),
-    );
-    client.batch_execute(&sql)?;
-    Ok(())
-}
-
-/// Collects what a statement reads and calls.
+/// Walks a statement and stops at the first thing a user's query may not read or call.
 #[derive(Default)]
 struct Reach {
-    relations: Vec<ObjectName>,
-    functions: Vec<ObjectName>,
-    ctes: HashSet<String>,
+    scopes: Vec<Scope>,
+    /// Relation names approved by the table factor being visited; the relation visit that
+    /// follows consumes it. A relation reached any other way is refused.
+    approved_relation: Option<ObjectName>,
+}
+
+impl Reach {
+    fn cte_in_scope(&self, name: &str) -> bool {
+        let mut index = self.scopes.len();
+        while index > 0 {
+            index -= 1;
+            let scope = &self.scopes[index];
+            if scope.names.iter().any(|cte| cte == name) {
+                return true;
+            }
+            if scope.hides_parent {
+                index = index.saturating_sub(1);
+            }
+        }
+        false
+    }
+}
+
+fn refuse(message: String) -> ControlFlow<StoreError> {
+    ControlFlow::Break(StoreError::QueryRefused(message))
+}
+
+fn not_readable(name: &ObjectName) -> ControlFlow<StoreError> {
+    refuse(format!("`{name}` is not readable; queries read the views {}", VIEW_NAMES.join(", ")))
+}
+
+/// Whether a query body (through its set operations) selects `INTO` a new table.
+fn selects_into(body: &SetExpr) -> bool {
+    match body {
+        SetExpr::Select(select) => select.into.is_some(),
+        SetExpr::SetOperation { left, right, .. } => selects_into(left) || selects_into(right),
+        SetExpr::Query(query) => selects_into(&query.body),
+        _ => false,
+    }
 }
 
 impl Visitor for Reach {
-    type Break = ();
+    type Break = StoreError;
 
-    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
-        if let Some(with) = &query.with {
-            for cte in &with.cte_tables {
-                self.ctes.insert(cte.alias.name.value.to_lowercase());
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<StoreError> {
+        if !query.locks.is_empty() || query.for_clause.is_some() || selects_into(&query.body) {
+            return refuse("queries only read: no FOR UPDATE/SHARE, FOR XML/JSON or SELECT INTO".into());
+        }
+        let address: *const Query = query;
+        // A CTE's body sees the CTEs before it (and itself, in a recursive WITH), not later ones.
+        let (names_before, hides_parent) = match self.scopes.last().and_then(|parent| {
+            parent.cte_bodies.iter().find(|(body, _)| std::ptr::eq(*body, address)).map(|(_, names)| names.clone())
+        }) {
+            Some(names) => (names, true),
+            None => (Vec::new(), false),
+        };
+        if hides_parent {
+            // The body's own scope: what it may see, then (below) what it defines itself.
+            self.scopes.push(Scope { query: address, names: names_before, hides_parent, cte_bodies: Vec::new() });
+            // A CTE body with its own WITH gets one more scope for that WITH.
+            if query.with.is_none() {
+                return ControlFlow::Continue(());
             }
+        }
+        let mut scope = Scope { query: address, names: Vec::new(), hides_parent: false, cte_bodies: Vec::new() };
+        if let Some(with) = &query.with {
+            let names: Vec<String> = with.cte_tables.iter().map(|cte| cte.alias.name.value.to_lowercase()).collect();
+            for (index, cte) in with.cte_tables.iter().enumerate() {
+                let visible = if with.recursive { names[..=index].to_vec() } else { names[..index].to_vec() };
+                scope.cte_bodies.push((&*cte.query as *const Query, visible));
+            }
+            scope.names = names;
+        }
+        self.scopes.push(scope);
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, query: &Query) -> ControlFlow<StoreError> {
+        let address: *const Query = query;
+        while self.scopes.last().is_some_and(|scope| std::ptr::eq(scope.query, address)) {
+            self.scopes.pop();
         }
         ControlFlow::Continue(())
     }
 
-    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
-        self.relations.push(relation.clone());
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<StoreError> {
+        match factor {
+            TableFactor::Table { name, args: None, .. } => {
+                let allowed = simple_name(name)
+                    .is_some_and(|simple| VIEW_NAMES.contains(&simple.as_str()) || self.cte_in_scope(&simple));
+                if !allowed {
+                    return not_readable(name);
+                }
+                self.approved_relation = Some(name.clone());
+            }
+            // A function in FROM is a table function whatever CTE shares its name.
+            TableFactor::Table { name, args: Some(_), .. } | TableFactor::Function { name, .. } => {
+                if !simple_name(name).is_some_and(|simple| TABLE_FUNCTIONS.contains(&simple.as_str())) {
+                    return refuse(format!("the table function `{name}` is not available to queries"));
+                }
+                self.approved_relation = Some(name.clone());
+            }
+            TableFactor::Derived { .. } | TableFactor::NestedJoin { .. } | TableFactor::UNNEST { .. } => {}
+            other => return refuse(format!("`{other}` is not available to queries")),
+        }
         ControlFlow::Continue(())
     }
 
-    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<StoreError> {
+        match self.approved_relation.take() {
+            Some(approved) if approved == *relation => ControlFlow::Continue(()),
+            _ => not_readable(relation),
+        }
+    }
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<StoreError> {
         if let Expr::Function(function) = expr {
-            self.functions.push(function.name.clone());
+            let allowed = simple_name(&function.name).is_some_and(|name| {
+                FUNCTIONS.binary_search(&name.as_str()).is_ok() || TABLE_FUNCTIONS.contains(&name.as_str())
+            });
+            if !allowed {
+                return refuse(format!("the function `{}` is not available to queries", function.name));
+            }
         }
         ControlFlow::Continue(())
     }
@@ -295,6 +305,7 @@ fn simple_name(name: &ObjectName) -> Option<String> {
 }
 
 /// Refuses a statement that is not one read-only query over the views (see the module comment).
+/// A second wall: the query role (see `sandbox`) could not reach anything else anyway.
 pub(super) fn check_statement(sql: &str) -> StoreResult<()> {
     let statements = Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|error| {
         // A statement that does not even start like a query is refused; a query with a syntax
@@ -316,47 +327,24 @@ pub(super) fn check_statement(sql: &str) -> StoreResult<()> {
             "only SELECT, WITH and VALUES queries over the views run (no writes, DDL, SET, transactions)".into(),
         ));
     };
-    let mut reach = Reach::default();
-    let _ = query.visit(&mut reach);
-    for relation in &reach.relations {
-        let allowed = simple_name(relation).is_some_and(|name| {
-            VIEW_NAMES.contains(&name.as_str())
-                || TABLE_FUNCTIONS.contains(&name.as_str())
-                || reach.ctes.contains(&name)
-        });
-        if !allowed {
-            return Err(StoreError::QueryRefused(format!(
-                "`{relation}` is not readable; queries read the views {}",
-                VIEW_NAMES.join(", ")
-            )));
-        }
+    match query.visit(&mut Reach::default()) {
+        ControlFlow::Break(refusal) => Err(refusal),
+        ControlFlow::Continue(()) => Ok(()),
     }
-    for function in &reach.functions {
-        let allowed = simple_name(function).is_some_and(|name| {
-            FUNCTIONS.binary_search(&name.as_str()).is_ok() || TABLE_FUNCTIONS.contains(&name.as_str())
-        });
-        if !allowed {
-            return Err(StoreError::QueryRefused(format!("the function `{function}` is not available to queries")));
-        }
-    }
-    Ok(())
 }
 
-/// Runs one checked statement for `environment_id` within `bounds`, in the read-only transaction
-/// `tx`.
+/// Runs one checked statement within `bounds` in `transaction`: a read-only transaction of the
+/// environment's query role, whose search path holds the environment's views alone.
 pub(super) fn run(
-    tx: &mut PgTx<'_>,
-    store_schema: &str,
-    environment_id: EnvironmentId,
+    transaction: &mut postgres::Transaction<'_>,
+    views_schema: &str,
     sql: &str,
     bounds: &QueryBounds,
 ) -> StoreResult<QueryOutput> {
     let timeout_ms = bounds.timeout.as_millis().max(1);
-    let transaction = tx.raw()?;
     transaction.batch_execute(&format!(
-        "SET LOCAL search_path TO {}; SET LOCAL roster.environment_id = '{environment_id}'; \
-         SET LOCAL statement_timeout = {timeout_ms}",
-        super::quote_identifier(&views_schema(store_schema))
+        "SET LOCAL search_path TO {}; SET LOCAL statement_timeout = {timeout_ms}",
+        super::quote_identifier(views_schema)
     ))?;
     let statement = transaction.prepare(sql).map_err(|error| query_error(error, bounds))?;
     let columns: Vec<(String, Type)> =

@@ -191,6 +191,9 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX segment_memberships_by_segment ON segment_memberships (environment_id, segment_id, exited_at, profile_id);
     CREATE INDEX segment_memberships_by_profile ON segment_memberships (environment_id, profile_id, exited_at);
 "#,
+    r#"
+    ALTER TABLE environments ADD COLUMN settings TEXT NOT NULL DEFAULT '{}';
+"#,
 ];
 
 const ADMIN_TOKEN_SETTING: &str = "admin_token_hash";
@@ -240,9 +243,6 @@ impl SqliteStore {
             idle: Mutex::new(Vec::new()),
             idle_query: Mutex::new(Vec::new()),
             store_schema: format!("store_{}", uuid::Uuid::now_v7().simple()),
-            query_slots: Arc::new(tokio::sync::Semaphore::new(
-                std::thread::available_parallelism().map_or(2, std::num::NonZero::get).max(2),
-            )),
         });
         Ok(SqliteStore { database_path, write_queue, readers })
     }
@@ -434,9 +434,6 @@ struct ReaderPool {
     idle_query: Mutex<Vec<query::QueryConnection>>,
     /// The schema name query connections attach the store under; random, so users cannot name it.
     store_schema: String,
-    /// Users' statements running at once: a burst of heavy queries waits its turn instead of
-    /// taking every blocking thread and core from ingest.
-    query_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl ReaderPool {
@@ -1031,10 +1028,11 @@ fn environment_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Environment
         client_key: row.get(3)?,
         server_key_hash: row.get(4)?,
         created_at: Timestamp::from_micros(row.get(5)?),
+        settings: row.get(6)?,
     })
 }
 
-const ENVIRONMENT_COLUMNS: &str = "environment_id, slug, name, client_key, server_key_hash, created_at";
+const ENVIRONMENT_COLUMNS: &str = "environment_id, slug, name, client_key, server_key_hash, created_at, settings";
 
 fn insert_environment(connection: &Connection, environment: &NewEnvironment) -> StoreResult<EnvironmentRecord> {
     let inserted = connection.execute(
@@ -1062,6 +1060,7 @@ fn insert_environment(connection: &Connection, environment: &NewEnvironment) -> 
         client_key: environment.client_key.clone(),
         server_key_hash: environment.server_key_hash.clone(),
         created_at: environment.created_at,
+        settings: "{}".to_owned(),
     })
 }
 
@@ -1114,6 +1113,20 @@ impl Store for SqliteStore {
 
     async fn create_environment(&self, environment: NewEnvironment) -> StoreResult<EnvironmentRecord> {
         self.write(move |connection| insert_environment(connection, &environment)).await
+    }
+
+    async fn replace_environment_settings(
+        &self,
+        slug: &str,
+        settings: String,
+    ) -> StoreResult<Option<EnvironmentRecord>> {
+        let slug = slug.to_owned();
+        self.write(move |connection| {
+            connection.execute("UPDATE environments SET settings = ?2 WHERE slug = ?1", params![slug, settings])?;
+            let sql = format!("SELECT {ENVIRONMENT_COLUMNS} FROM environments WHERE slug = ?1");
+            Ok(connection.query_row(&sql, [&slug], environment_from_row).optional()?)
+        })
+        .await
     }
 
     async fn replace_environment_keys(
@@ -1229,9 +1242,8 @@ impl Store for SqliteStore {
     async fn query(&self, environment_id: EnvironmentId, sql: &str, bounds: QueryBounds) -> StoreResult<QueryOutput> {
         let sql = sql.to_owned();
         let readers = Arc::clone(&self.readers);
-        let slot = Arc::clone(&readers.query_slots).acquire_owned().await.map_err(|_| StoreError::Closed)?;
+        // How many run at once is the engine's to bound (fairly between environments).
         tokio::task::spawn_blocking(move || {
-            let _slot = slot;
             let mut connection = readers.take_query()?;
             let result = connection.run(environment_id, &sql, &bounds);
             readers.give_back_query(connection);
