@@ -7,6 +7,7 @@ mod altertable;
 mod auth;
 mod bad_input;
 mod cli;
+mod client_side;
 mod crash;
 mod customerio;
 mod events;
