@@ -33,6 +33,7 @@ pub enum ErrorCode {
     MissingEventName,
     EnvironmentMismatch,
     PayloadTooLarge,
+    TooManyItems,
     UnsupportedMediaType,
     MissingApiKey,
     InvalidApiKey,
@@ -44,6 +45,8 @@ pub enum ErrorCode {
     QueryRefused,
     QueryFailed,
     QueryTimeout,
+    RequestTimeout,
+    Overloaded,
     Internal,
 }
 
@@ -76,6 +79,7 @@ impl ErrorCode {
             ErrorCode::MissingEventName => "missing_event_name",
             ErrorCode::EnvironmentMismatch => "environment_mismatch",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::TooManyItems => "too_many_items",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::MissingApiKey => "missing_api_key",
             ErrorCode::InvalidApiKey => "invalid_api_key",
@@ -87,6 +91,8 @@ impl ErrorCode {
             ErrorCode::QueryRefused => "query_refused",
             ErrorCode::QueryFailed => "query_failed",
             ErrorCode::QueryTimeout => "query_timeout",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::Overloaded => "overloaded",
             ErrorCode::Internal => "internal",
         }
     }

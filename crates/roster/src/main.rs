@@ -112,6 +112,9 @@ struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "ROSTER_MAX_BODY_BYTES", default_value_t = ServerConfig::default().max_body_bytes)]
     max_body_bytes: usize,
+    /// Most items in one batch request (native arrays, Segment, Customer.io, Flagsmith bulk).
+    #[arg(long, env = "ROSTER_MAX_BATCH_ITEMS", default_value_t = ServerConfig::default().max_batch_items)]
+    max_batch_items: usize,
     #[command(flatten)]
     limits: LimitArgs,
     /// A resent message id within this many hours is applied once.
@@ -272,7 +275,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     println!("roster listening on http://{address}");
     std::io::stdout().flush()?;
-    let config = ServerConfig { max_body_bytes: args.max_body_bytes };
+    let config = ServerConfig {
+        max_body_bytes: args.max_body_bytes,
+        max_batch_items: args.max_batch_items,
+        ..ServerConfig::default()
+    };
     roster_server::serve(listener, engine, config, shutdown_signal()).await.context("server failed")?;
     tracing::info!("roster stopped");
     Ok(())

@@ -37,11 +37,14 @@ use crate::error::ApiError;
 pub struct ServerConfig {
     /// Largest request body accepted, in bytes; larger bodies get 413 before being parsed.
     pub max_body_bytes: usize,
+    /// Most items (messages, operations, identities) in one batch request, in every dialect;
+    /// more get one `too_many_items` answer before any item is parsed.
+    pub max_batch_items: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { max_body_bytes: 5 * 1024 * 1024 }
+        ServerConfig { max_body_bytes: 5 * 1024 * 1024, max_batch_items: 1000 }
     }
 }
 
