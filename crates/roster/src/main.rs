@@ -115,6 +115,22 @@ struct ServeArgs {
     /// Most items in one batch request (native arrays, Segment, Customer.io, Flagsmith bulk).
     #[arg(long, env = "ROSTER_MAX_BATCH_ITEMS", default_value_t = ServerConfig::default().max_batch_items)]
     max_batch_items: usize,
+    /// Most requests served at once; past it, 503 with Retry-After.
+    #[arg(long, env = "ROSTER_MAX_REQUESTS_IN_FLIGHT", default_value_t = ServerConfig::default().max_requests_in_flight)]
+    max_requests_in_flight: usize,
+    /// Most request-body bytes held in memory at once; past it, 503 with Retry-After.
+    #[arg(long, env = "ROSTER_MAX_BODY_BYTES_IN_FLIGHT", default_value_t = ServerConfig::default().max_body_bytes_in_flight)]
+    max_body_bytes_in_flight: usize,
+    /// Longest a client may take to send a request body, in milliseconds.
+    #[arg(long, env = "ROSTER_BODY_READ_TIMEOUT_MS", default_value_t = millis(ServerConfig::default().body_read_timeout))]
+    body_read_timeout_ms: u64,
+    /// Longest a client may take to send request headers, and longest an idle connection stays
+    /// open, in milliseconds.
+    #[arg(long, env = "ROSTER_HEADER_READ_TIMEOUT_MS", default_value_t = millis(ServerConfig::default().header_read_timeout))]
+    header_read_timeout_ms: u64,
+    /// Most open client connections (lowered to fit the process's open-file limit).
+    #[arg(long, env = "ROSTER_MAX_CONNECTIONS", default_value_t = ServerConfig::default().max_connections)]
+    max_connections: usize,
     #[command(flatten)]
     limits: LimitArgs,
     /// A resent message id within this many hours is applied once.
@@ -131,7 +147,23 @@ struct ServeArgs {
     query_max_rows: usize,
 }
 
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl ServeArgs {
+    fn server_config(&self) -> ServerConfig {
+        ServerConfig {
+            max_body_bytes: self.max_body_bytes,
+            max_batch_items: self.max_batch_items,
+            max_requests_in_flight: self.max_requests_in_flight,
+            max_body_bytes_in_flight: self.max_body_bytes_in_flight,
+            body_read_timeout: Duration::from_millis(self.body_read_timeout_ms),
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            max_connections: self.max_connections,
+        }
+    }
+
     fn engine_config(&self) -> EngineConfig {
         EngineConfig {
             limits: self.limits.limits(),
@@ -275,11 +307,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     println!("roster listening on http://{address}");
     std::io::stdout().flush()?;
-    let config = ServerConfig {
-        max_body_bytes: args.max_body_bytes,
-        max_batch_items: args.max_batch_items,
-        ..ServerConfig::default()
-    };
+    let config = args.server_config();
     roster_server::serve(listener, engine, config, shutdown_signal()).await.context("server failed")?;
     tracing::info!("roster stopped");
     Ok(())

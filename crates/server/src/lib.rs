@@ -2,6 +2,7 @@
 //! Handlers are thin: they translate HTTP into engine calls and engine results into HTTP.
 
 mod admin;
+mod admission;
 mod auth;
 mod body;
 mod customerio;
@@ -19,6 +20,7 @@ pub use query::to_csv as csv;
 use std::any::Any;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -40,11 +42,31 @@ pub struct ServerConfig {
     /// Most items (messages, operations, identities) in one batch request, in every dialect;
     /// more get one `too_many_items` answer before any item is parsed.
     pub max_batch_items: usize,
+    /// Most requests served at once; past it, `503 overloaded` with `Retry-After`.
+    pub max_requests_in_flight: usize,
+    /// Most request-body bytes held in memory at once (never less than `max_body_bytes`); past
+    /// it, `503 overloaded` with `Retry-After`.
+    pub max_body_bytes_in_flight: usize,
+    /// Longest a client may take to send a whole request body.
+    pub body_read_timeout: Duration,
+    /// Longest a client may take to send a request's headers, and longest an idle keep-alive
+    /// connection stays open.
+    pub header_read_timeout: Duration,
+    /// Most open connections; further ones wait in the listen backlog until one closes.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { max_body_bytes: 5 * 1024 * 1024, max_batch_items: 1000 }
+        ServerConfig {
+            max_body_bytes: 5 * 1024 * 1024,
+            max_batch_items: 1000,
+            max_requests_in_flight: 512,
+            max_body_bytes_in_flight: 64 * 1024 * 1024,
+            body_read_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+        }
     }
 }
 
@@ -58,9 +80,9 @@ pub struct AppState {
 /// All routes, with the layers every request goes through.
 pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
     let max_body_bytes = config.max_body_bytes;
+    let admission = Arc::new(admission::Admission::new(&config));
     let state = AppState { engine, config: Arc::new(config) };
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
         .route("/openapi.json", get(openapi))
         .route("/identify", post(native::identify))
         .route("/track", post(native::track))
@@ -126,6 +148,9 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::new(ErrorCode::MethodNotAllowed, "this endpoint does not accept that HTTP method")
         })
+        .layer(axum::middleware::from_fn_with_state(admission, admission::admit))
+        // Added after the admission layer, so a health check is answered however busy the server is.
+        .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TraceLayer::new_for_http())

@@ -1,10 +1,13 @@
 //! What one request may cost: items per batch, the size of an error answer, requests and body
 //! bytes in flight, and how long a slow client may hold a connection.
 
+use std::time::{Duration, Instant};
+
 use reqwest::StatusCode;
 use roster_core::Limits;
 use roster_server::ServerConfig;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::{TestServer, assert_error};
 
@@ -126,4 +129,173 @@ async fn echoed_input_is_cut_short_in_error_messages() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{}", &text[..text.len().min(300)]);
         assert!(text.len() < 4096, "the answer is {} bytes", text.len());
     }
+}
+
+/// The server's `host:port`.
+fn address(server: &TestServer) -> String {
+    server.base_url.trim_start_matches("http://").to_owned()
+}
+
+/// Opens a connection and sends `head` (and nothing more).
+async fn send_raw(server: &TestServer, head: &str) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(address(server)).await.expect("connect");
+    stream.write_all(head.as_bytes()).await.expect("send");
+    stream
+}
+
+/// Reads until the server closes the connection; answers what it sent, or `None` if it was
+/// still open after `wait`.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, wait: Duration) -> Option<String> {
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(wait, async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(count) => received.extend_from_slice(&buffer[..count]),
+            }
+        }
+    })
+    .await;
+    read.ok().map(|()| String::from_utf8_lossy(&received).into_owned())
+}
+
+/// Headers of an identify whose body is `length` bytes long, of which none is sent yet.
+fn identify_head(server: &TestServer, length: usize) -> String {
+    format!(
+        "POST /identify HTTP/1.1\r\nHost: roster\r\nX-API-Key: {}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n",
+        server.keys.client_key
+    )
+}
+
+#[tokio::test]
+async fn past_the_requests_in_flight_a_request_gets_503_with_retry_after_at_once() {
+    let config = ServerConfig {
+        max_requests_in_flight: 2,
+        body_read_timeout: Duration::from_secs(5),
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start_with(Limits::default(), config).await;
+    // Two requests whose bodies never come hold both slots.
+    let first = send_raw(&server, &identify_head(&server, 100)).await;
+    let second = send_raw(&server, &identify_head(&server, 100)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let response = server
+        .http
+        .post(server.url("/identify"))
+        .header("X-API-Key", &server.keys.client_key)
+        .json(&json!({"distinct_id": "refused"}))
+        .send()
+        .await
+        .expect("request sent");
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["code"], "overloaded");
+    assert_eq!(answer["type"], "unavailable");
+    assert!(started.elapsed() < Duration::from_secs(1), "refused at once, not after a wait");
+    let health = server.http.get(server.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK, "the health check is answered however busy the server is");
+    // A client that goes away frees its slot.
+    drop((first, second));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stored_profile_count(&server).await, 0);
+}
+
+#[tokio::test]
+async fn body_bytes_are_reserved_before_they_are_buffered_with_or_without_a_length() {
+    let config = ServerConfig {
+        max_body_bytes: 64 * 1024,
+        max_body_bytes_in_flight: 64 * 1024,
+        body_read_timeout: Duration::from_secs(5),
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start_with(Limits::default(), config).await;
+    // A chunked body: its first 40 KB are held while the rest does not come.
+    let head = format!(
+        "POST /identify HTTP/1.1\r\nHost: roster\r\nX-API-Key: {}\r\nTransfer-Encoding: chunked\r\n\r\n",
+        server.keys.client_key
+    );
+    let mut chunked = send_raw(&server, &head).await;
+    let chunk = format!("[{}", " ".repeat(40 * 1024 - 1));
+    chunked.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // 40 KB declared does not fit in what is left: refused before it is read.
+    let body = format!(r#"{{"distinct_id":"big","traits":{{"note":"{}"}}}}"#, "x".repeat(1000));
+    let padded = format!("{body}{}", " ".repeat(40 * 1024 - body.len()));
+    let (status, answer) = server.post_raw("/identify", &server.keys.client_key, padded.clone()).await;
+    assert_error(status, &answer, StatusCode::SERVICE_UNAVAILABLE, "overloaded");
+    // Once the chunked request is gone (its connection closed), the same body fits.
+    drop(chunked);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, answer) = server.post_raw("/identify", &server.keys.client_key, padded).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_is_answered_408_and_its_connection_closed() {
+    let config = ServerConfig { body_read_timeout: Duration::from_millis(500), ..ServerConfig::default() };
+    let server = TestServer::start_with(Limits::default(), config).await;
+    let mut stalled = send_raw(&server, &identify_head(&server, 100)).await;
+    stalled.write_all(br#"{"distinct_id":"#).await.unwrap();
+    let started = Instant::now();
+    let answer = read_until_closed(&mut stalled, Duration::from_secs(5)).await.expect("the connection is closed");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(3), "closed after {:?}", started.elapsed());
+    assert_eq!(stored_profile_count(&server).await, 0);
+}
+
+#[tokio::test]
+async fn under_a_flood_some_are_refused_fast_and_every_acknowledged_message_is_stored() {
+    let config = ServerConfig { max_requests_in_flight: 8, ..ServerConfig::default() };
+    let server = TestServer::start_with(Limits::default(), config).await;
+    let mut requests = tokio::task::JoinSet::new();
+    for client in 0..200 {
+        // One client (and so one connection) per request, all at once.
+        let http = reqwest::Client::new();
+        let url = server.url("/identify");
+        let key = server.keys.client_key.clone();
+        requests.spawn(async move {
+            let user_ids: Vec<String> = (0..20).map(|item| format!("flood_{client}_{item}")).collect();
+            let batch: Vec<Value> = user_ids.iter().map(|user_id| json!({"distinct_id": user_id})).collect();
+            let response = http.post(url).header("X-API-Key", key).json(&batch).send().await.expect("sent");
+            let retry_after = response.headers().get("retry-after").map(|value| value.to_str().unwrap().to_owned());
+            (response.status(), retry_after, user_ids)
+        });
+    }
+    let mut acknowledged = Vec::new();
+    let mut refused = 0;
+    while let Some(outcome) = requests.join_next().await {
+        let (status, retry_after, user_ids) = outcome.unwrap();
+        match status {
+            StatusCode::OK => acknowledged.extend(user_ids),
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(retry_after.as_deref(), Some("1"));
+                refused += 1;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(refused > 0, "200 requests at once against 8 slots: some are refused");
+    assert!(!acknowledged.is_empty(), "and some are served");
+    let mut stored = std::collections::BTreeSet::new();
+    let mut after = String::new();
+    loop {
+        let (status, page) =
+            server.get(&format!("/v1/profiles?limit=1000&after={after}"), &server.keys.server_key).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        for profile in page["profiles"].as_array().unwrap() {
+            stored.insert(profile["user_id"].as_str().unwrap().to_owned());
+        }
+        match page["next_after"].as_str() {
+            Some(next) => after = next.to_owned(),
+            None => break,
+        }
+    }
+    for user_id in &acknowledged {
+        assert!(stored.contains(user_id), "{user_id} was acknowledged but is not stored");
+    }
+    assert_eq!(stored.len(), acknowledged.len(), "nothing refused was stored");
 }
