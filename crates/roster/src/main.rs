@@ -307,10 +307,49 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     println!("roster listening on http://{address}");
     std::io::stdout().flush()?;
-    let config = args.server_config();
+    let mut config = args.server_config();
+    let open_file_limit = raise_open_file_limit();
+    if let Some(limit) = open_file_limit {
+        let fitting = usize::try_from(limit.saturating_sub(RESERVED_FILE_DESCRIPTORS)).unwrap_or(usize::MAX).max(1);
+        if config.max_connections > fitting {
+            tracing::warn!(
+                max_connections = config.max_connections,
+                open_file_limit = limit,
+                lowered_to = fitting,
+                "max connections lowered to fit the open-file limit"
+            );
+            config.max_connections = fitting;
+        }
+    }
     roster_server::serve(listener, engine, config, shutdown_signal()).await.context("server failed")?;
     tracing::info!("roster stopped");
     Ok(())
+}
+
+/// File descriptors kept for everything but client connections: the store's files, PostgreSQL
+/// connections, the listener.
+const RESERVED_FILE_DESCRIPTORS: u64 = 256;
+
+/// Raises the soft open-file limit to the hard one, since every connection holds a descriptor and
+/// the usual soft default (1024) is far below what the server may keep open. Answers the soft
+/// limit now in force (`None` if it cannot be read).
+fn raise_open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes the struct it is given, which lives on this frame.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    if limit.rlim_cur >= limit.rlim_max {
+        return Some(limit.rlim_cur);
+    }
+    let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+    // SAFETY: setrlimit only reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        tracing::warn!(soft = limit.rlim_cur, hard = limit.rlim_max, "the open-file limit could not be raised");
+        return Some(limit.rlim_cur);
+    }
+    tracing::debug!(from = limit.rlim_cur, to = limit.rlim_max, "open-file limit raised");
+    Some(limit.rlim_max)
 }
 
 /// How often expired message ids and trait history are purged.

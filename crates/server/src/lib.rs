@@ -28,7 +28,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use roster_core::ErrorCode;
 use roster_engine::Engine;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
@@ -171,7 +175,17 @@ fn panic_response(_panic: Box<dyn Any + Send + 'static>) -> Response {
     ApiError::new(ErrorCode::Internal, "internal error; the request was not acknowledged").into_response()
 }
 
-/// Serves on `listener` until `shutdown` resolves.
+/// How long the accept loop waits after a failed accept (out of file descriptors, most likely)
+/// before trying again, instead of spinning; connections that end meanwhile free descriptors.
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+/// Serves on `listener` until `shutdown` resolves, then stops accepting, lets the requests being
+/// served finish (closing idle connections at once) and returns.
+///
+/// Each connection must send a request's headers within `header_read_timeout` of being opened or
+/// of its previous answer, so idle keep-alive connections and clients that dribble headers are
+/// closed; at most `max_connections` are open at once (further ones wait in the listen backlog,
+/// where they hold no file descriptor).
 pub async fn serve(
     listener: TcpListener,
     engine: Arc<Engine>,
@@ -180,5 +194,41 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let address: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(address = ?address, "roster listening");
-    axum::serve(listener, router(engine, config)).with_graceful_shutdown(shutdown).await
+    let connection_slots = Arc::new(Semaphore::new(config.max_connections.clamp(1, Semaphore::MAX_PERMITS)));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(config.header_read_timeout);
+    let app = router(engine, config);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = connection_slots.clone().acquire_owned() => slot.expect("the connection semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    tracing::warn!(error = %error, "accepting a connection failed");
+                    tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Answers are small and written whole: no reason to wait for more to send.
+        let _ = stream.set_nodelay(true);
+        let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    tracing::info!("roster stopping: finishing the requests in flight");
+    graceful.shutdown().await;
+    Ok(())
 }

@@ -299,3 +299,64 @@ async fn under_a_flood_some_are_refused_fast_and_every_acknowledged_message_is_s
     }
     assert_eq!(stored.len(), acknowledged.len(), "nothing refused was stored");
 }
+
+#[tokio::test]
+async fn idle_and_slow_header_connections_are_closed_while_others_are_served() {
+    let config = ServerConfig { header_read_timeout: Duration::from_millis(700), ..ServerConfig::default() };
+    let server = TestServer::start_with(Limits::default(), config).await;
+    let started = Instant::now();
+    let mut silent = send_raw(&server, "").await;
+    let mut dribbling = send_raw(&server, "POST /identify HTTP/1.1\r\n").await;
+    let dribble = tokio::spawn(async move {
+        // One header byte every 100 ms: never a whole request within the timeout.
+        for byte in b"X-API-Key: slowly-slowly-slowly-slowly\r\n" {
+            if dribbling.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        read_until_closed(&mut dribbling, Duration::from_secs(5)).await
+    });
+    // Meanwhile a normal client is served.
+    let served = server.identify(json!({"distinct_id": "meanwhile"})).await;
+    assert_eq!(served["status"], "accepted");
+    assert!(read_until_closed(&mut silent, Duration::from_secs(5)).await.is_some(), "the silent connection is closed");
+    let closed_silent_after = started.elapsed();
+    assert!(dribble.await.unwrap().is_some(), "the dribbling connection is closed");
+    let closed_dribbling_after = started.elapsed();
+    assert!(closed_silent_after >= Duration::from_millis(600), "not before the timeout: {closed_silent_after:?}");
+    assert!(closed_silent_after < Duration::from_secs(3), "closed after {closed_silent_after:?}");
+    assert!(closed_dribbling_after < Duration::from_secs(3), "closed after {closed_dribbling_after:?}");
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+    let config = ServerConfig { header_read_timeout: Duration::from_millis(500), ..ServerConfig::default() };
+    let server = TestServer::start_with(Limits::default(), config).await;
+    let mut connection = send_raw(&server, "GET /healthz HTTP/1.1\r\nHost: roster\r\n\r\n").await;
+    let mut buffer = [0u8; 1024];
+    let count = connection.read(&mut buffer).await.unwrap();
+    assert!(String::from_utf8_lossy(&buffer[..count]).starts_with("HTTP/1.1 200"));
+    let answered = Instant::now();
+    let rest = read_until_closed(&mut connection, Duration::from_secs(5)).await;
+    assert!(rest.is_some(), "the idle keep-alive connection is closed");
+    assert!(answered.elapsed() < Duration::from_secs(3), "closed after {:?}", answered.elapsed());
+}
+
+#[tokio::test]
+async fn past_the_connection_cap_new_connections_wait_until_one_closes() {
+    let config = ServerConfig {
+        max_connections: 2,
+        header_read_timeout: Duration::from_secs(30),
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start_with(Limits::default(), config).await;
+    let first = send_raw(&server, "").await;
+    let _second = send_raw(&server, "").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiting = server.http.get(server.url("/healthz")).timeout(Duration::from_millis(500)).send().await;
+    assert!(waiting.is_err(), "a third connection is not served while two are open");
+    drop(first);
+    let served = server.http.get(server.url("/healthz")).timeout(Duration::from_secs(5)).send().await;
+    assert_eq!(served.expect("served once a connection closed").status(), StatusCode::OK);
+}
