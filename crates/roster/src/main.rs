@@ -299,6 +299,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         print_credentials(&credentials);
     }
     let _maintenance = engine.spawn_maintenance(MAINTENANCE_INTERVAL);
+    let _memory_trimmer = tokio::spawn(return_freed_memory());
     // Nodes sharing a database see keys and flags changed through the others within this bound.
     let _shared_state_refresh =
         args.store.store.is_some().then(|| engine.spawn_shared_state_refresh(SHARED_STATE_REFRESH_INTERVAL));
@@ -351,6 +352,39 @@ fn raise_open_file_limit() -> Option<u64> {
     tracing::debug!(from = limit.rlim_cur, to = limit.rlim_max, "open-file limit raised");
     Some(limit.rlim_max)
 }
+
+/// How often the allocator is asked how much freed memory it holds.
+const MEMORY_TRIM_INTERVAL: Duration = Duration::from_secs(1);
+/// Freed memory the allocator may keep for reuse before it is handed back to the system.
+const MEMORY_TRIM_THRESHOLD_BYTES: usize = 32 * 1024 * 1024;
+
+/// Hands memory freed after a burst of requests back to the system. glibc's malloc keeps freed
+/// memory in its per-thread arenas (resident memory stays at the burst's peak); `malloc_trim`
+/// releases the free pages of every arena. It is called only when much is free, so quiet and
+/// steady servers never pay for it.
+async fn return_freed_memory() {
+    let mut interval = tokio::time::interval(MEMORY_TRIM_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let _ = tokio::task::spawn_blocking(trim_if_much_is_free).await;
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_if_much_is_free() {
+    // SAFETY: mallinfo2 and malloc_trim take no pointers and only lock the allocator's arenas.
+    let free_bytes = unsafe { libc::mallinfo2() }.fordblks;
+    if free_bytes < MEMORY_TRIM_THRESHOLD_BYTES {
+        return;
+    }
+    // SAFETY: as above.
+    unsafe { libc::malloc_trim(0) };
+    tracing::debug!(free_bytes, "freed memory returned to the system");
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_if_much_is_free() {}
 
 /// How often expired message ids and trait history are purged.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(600);

@@ -360,3 +360,80 @@ async fn past_the_connection_cap_new_connections_wait_until_one_closes() {
     let served = server.http.get(server.url("/healthz")).timeout(Duration::from_secs(5)).send().await;
     assert_eq!(served.expect("served once a connection closed").status(), StatusCode::OK);
 }
+
+/// Resident memory of a process, in bytes (Linux).
+fn resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    let line = status.lines().find(|line| line.starts_with("VmRSS:")).expect("VmRSS line");
+    let kilobytes: u64 = line.split_whitespace().nth(1).and_then(|value| value.parse().ok()).expect("VmRSS value");
+    kilobytes * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_taken_by_a_burst_is_returned_afterwards() {
+    use std::io::BufRead;
+    let data_directory = tempfile::tempdir().unwrap();
+    let init = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["init", "--json", "--data-dir"])
+        .arg(data_directory.path())
+        .output()
+        .expect("run roster init");
+    let credentials: Value = serde_json::from_slice(&init.stdout).unwrap();
+    let client_key = credentials["environments"][0]["client_key"].as_str().unwrap().to_owned();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--max-body-bytes-in-flight", "268435456", "--data-dir"])
+        .arg(data_directory.path())
+        .env("ROSTER_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn roster serve");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let base_url = loop {
+        let line = lines.next().expect("roster serve exited before listening").unwrap();
+        if let Some(address) = line.strip_prefix("roster listening on ") {
+            break address.trim().to_owned();
+        }
+    };
+    let pid = child.id();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
+    let _ = http.get(format!("{base_url}/healthz")).send().await;
+    let before = resident_bytes(pid);
+
+    // 1,000 items a request, each with a 3 KB trait string: parsed whole, then refused by the
+    // string limit, so the burst costs parsing memory and no disk time.
+    let item = json!({"distinct_id": "u", "traits": {"note": "n".repeat(3000)}});
+    let body = json!(vec![item; 1000]).to_string();
+    let mut peak = before;
+    for _round in 0..3 {
+        let mut requests = tokio::task::JoinSet::new();
+        for _ in 0..48 {
+            let request = http.post(format!("{base_url}/identify")).header("X-API-Key", &client_key).body(body.clone());
+            requests.spawn(async move { request.send().await.map(|response| response.status()) });
+        }
+        let sampler = async {
+            let mut highest = 0;
+            for _ in 0..20 {
+                highest = highest.max(resident_bytes(pid));
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            highest
+        };
+        let (_, highest) = tokio::join!(async { while requests.join_next().await.is_some() {} }, sampler);
+        peak = peak.max(highest);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = resident_bytes(pid);
+    child.kill().unwrap();
+    let _ = child.wait();
+    let megabytes = |bytes: u64| bytes / (1024 * 1024);
+    eprintln!("resident memory: before {} MB, peak {} MB, after {} MB", megabytes(before), megabytes(peak), megabytes(after));
+    assert!(peak > before + 100 * 1024 * 1024, "the burst took memory: peak {} MB", megabytes(peak));
+    assert!(
+        after < before + 64 * 1024 * 1024,
+        "memory returned after the burst: before {} MB, after {} MB (peak {} MB)",
+        megabytes(before),
+        megabytes(after),
+        megabytes(peak)
+    );
+}
