@@ -38,7 +38,9 @@ impl Admission {
         // A budget smaller than one largest body would refuse that body forever.
         let body_budget = config.max_body_bytes_in_flight.max(config.max_body_bytes).min(Semaphore::MAX_PERMITS);
         Admission {
-            requests_in_flight: Arc::new(Semaphore::new(config.max_requests_in_flight.clamp(1, Semaphore::MAX_PERMITS))),
+            requests_in_flight: Arc::new(Semaphore::new(
+                config.max_requests_in_flight.clamp(1, Semaphore::MAX_PERMITS),
+            )),
             body_bytes_in_flight: Arc::new(Semaphore::new(body_budget)),
             max_body_bytes: config.max_body_bytes,
             body_read_timeout: config.body_read_timeout,

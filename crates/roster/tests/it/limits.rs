@@ -54,7 +54,12 @@ async fn a_million_items_get_one_small_answer_in_every_dialect() {
         (reqwest::Method::POST, "/track", million.clone(), StatusCode::PAYLOAD_TOO_LARGE),
         (reqwest::Method::POST, "/alias", million.clone(), StatusCode::PAYLOAD_TOO_LARGE),
         // Segment's 500 KB batch limit comes first for bigger bodies; this is still 150 times the cap.
-        (reqwest::Method::POST, "/v1/batch", format!(r#"{{"batch":{}}}"#, empty_items(150_000)), StatusCode::BAD_REQUEST),
+        (
+            reqwest::Method::POST,
+            "/v1/batch",
+            format!(r#"{{"batch":{}}}"#, empty_items(150_000)),
+            StatusCode::BAD_REQUEST,
+        ),
         (reqwest::Method::POST, "/api/v2/batch", format!(r#"{{"batch":{million}}}"#), StatusCode::PAYLOAD_TOO_LARGE),
         (
             reqwest::Method::POST,
@@ -345,11 +350,8 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
 
 #[tokio::test]
 async fn past_the_connection_cap_new_connections_wait_until_one_closes() {
-    let config = ServerConfig {
-        max_connections: 2,
-        header_read_timeout: Duration::from_secs(30),
-        ..ServerConfig::default()
-    };
+    let config =
+        ServerConfig { max_connections: 2, header_read_timeout: Duration::from_secs(30), ..ServerConfig::default() };
     let server = TestServer::start_with(Limits::default(), config).await;
     let first = send_raw(&server, "").await;
     let _second = send_raw(&server, "").await;
@@ -427,7 +429,12 @@ async fn memory_taken_by_a_burst_is_returned_afterwards() {
     child.kill().unwrap();
     let _ = child.wait();
     let megabytes = |bytes: u64| bytes / (1024 * 1024);
-    eprintln!("resident memory: before {} MB, peak {} MB, after {} MB", megabytes(before), megabytes(peak), megabytes(after));
+    eprintln!(
+        "resident memory: before {} MB, peak {} MB, after {} MB",
+        megabytes(before),
+        megabytes(peak),
+        megabytes(after)
+    );
     assert!(peak > before + 100 * 1024 * 1024, "the burst took memory: peak {} MB", megabytes(peak));
     assert!(
         after < before + 64 * 1024 * 1024,
