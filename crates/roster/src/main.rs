@@ -1,5 +1,7 @@
 //! The `roster` binary: configuration and startup, nothing else.
 
+mod environments;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,6 +34,16 @@ enum Command {
     /// Run one read-only SQL statement over the views `identities`, `events`, `trait_changes`:
     /// against a running server (`--url` and `--key`), or directly on a data directory.
     Query(QueryArgs),
+    /// Manage environments' settings.
+    #[command(subcommand)]
+    Environments(EnvironmentsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum EnvironmentsCommand {
+    /// Change an environment's settings (allowed browser origins, Flagsmith trait reads), on a
+    /// running server (`--url`, `--admin-token`) or directly on the store.
+    Set(environments::SetArgs),
 }
 
 #[derive(Debug, Args)]
@@ -261,6 +273,7 @@ fn main() -> anyhow::Result<()> {
             Command::Serve(args) => serve(args).await,
             Command::Init(args) => init(args).await,
             Command::Query(args) => query(args).await,
+            Command::Environments(EnvironmentsCommand::Set(args)) => environments::set(args).await,
         }
     })
 }

@@ -339,7 +339,7 @@ struct BatchOperation {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BatchBody {
-    batch: Vec<BatchOperation>,
+    batch: Vec<Box<serde_json::value::RawValue>>,
 }
 
 impl CustomerRef {
@@ -356,24 +356,56 @@ impl CustomerRef {
 
 /// `POST /api/v2/batch` `{"batch": [{"type": "person", "action", "identifiers", ...}]}`: person
 /// operations applied in order (identify, event, delete, add_device, delete_device, suppress,
-/// unsuppress, merge). The first one refused answers 400 naming it; those before it stay applied.
+/// unsuppress, merge). Each refused operation is refused alone: the answer is 200 (so Customer.io's
+/// clients do not resend the applied ones) with `errors` naming each refused one by
+/// `batch_index`, and the refusals go to the environment's rejections log.
 pub async fn batch(
     State(state): State<AppState>,
     headers: HeaderMap,
+    uri: axum::http::Uri,
     Body(bytes): Body,
 ) -> Result<Json<Value>, ApiError> {
     let principal = authenticate(&state, &headers)?;
     check_item_count(&bytes, ItemsAt::Field("batch"), state.config.max_batch_items)?;
     let body: BatchBody = parse_document(&bytes)?;
-    for (index, operation) in body.batch.into_iter().enumerate() {
+    let mut errors = Vec::new();
+    let mut refused = Vec::new();
+    for (index, raw) in body.batch.iter().enumerate() {
         let path = format!("batch[{index}]");
-        apply_operation(&state, &principal, operation).await.map_err(|mut error| {
-            let inner = error.body.path.take().unwrap_or_default();
-            error.body.path = Some(roster_core::error::join_path(&path, &inner));
-            error
-        })?;
+        let outcome = match crate::body::parse_item::<BatchOperation>(raw) {
+            Ok(operation) => apply_operation(&state, &principal, operation).await,
+            Err(rejection) => Err(ApiError::from(rejection)),
+        };
+        let Err(mut error) = outcome else { continue };
+        // A failure of the server's own is no refusal of this operation: the request fails.
+        if error.status.is_server_error() {
+            return Err(error);
+        }
+        let inner = error.body.path.take().unwrap_or_default();
+        let field = roster_core::error::join_path(&path, &inner);
+        error.body.path = Some(field.clone());
+        if errors.len() < crate::error::MAX_LISTED_REJECTIONS {
+            errors.push(json!({
+                "batch_index": index,
+                "reason": error.body.code,
+                "field": field,
+                "message": error.body.message,
+            }));
+        }
+        refused.push(roster_engine::RefusedMessage {
+            path: field,
+            message_id: None,
+            code: error.body.code.to_owned(),
+            error: error.body.message.clone(),
+            payload: raw.get().to_owned(),
+        });
     }
-    Ok(ok())
+    if refused.is_empty() {
+        return Ok(ok());
+    }
+    let count = refused.len();
+    state.engine.record_rejections(&principal, "customerio", uri.path(), refused).await;
+    Ok(Json(json!({ "errors": errors, "rejected": count })))
 }
 
 async fn apply_operation(state: &AppState, principal: &Principal, operation: BatchOperation) -> Result<(), ApiError> {

@@ -23,6 +23,10 @@ pub struct PublicError {
 /// Longest `message` answered, in bytes: messages quote what the client sent (an unknown key, a
 /// string of the wrong type), and an answer must stay small whatever the input.
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 512;
+
+/// Most rejected items a batch answer lists one by one (the rest are counted), so an answer's
+/// size stays bounded whatever the request; the rejections log keeps the first hundred.
+pub const MAX_LISTED_REJECTIONS: usize = 50;
 /// Longest `path` answered, in bytes (paths quote trait keys).
 pub const MAX_ERROR_PATH_BYTES: usize = 512;
 

@@ -7,12 +7,17 @@ use axum::http::StatusCode;
 use roster_core::{ErrorCode, FieldError};
 use roster_engine::{AnswerSurface, FlagAnswer, FlagsAnswer, IdentifyInput};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::AppState;
 use crate::auth::{Caller, query_parameter};
-use crate::body::{Body, ItemsAt, check_item_count, parse_array, parse_document};
+use crate::body::{Body, ItemsAt, check_item_count, parse_array, parse_document, parse_item};
 use crate::error::ApiError;
+use crate::rejections::log_item_rejections;
+
+/// The dialect's name in the rejections log.
+const DIALECT: &str = "flagsmith";
 
 /// One trait as Flagsmith sends it.
 #[derive(Debug, Deserialize)]
@@ -62,8 +67,8 @@ struct IncrementRequest {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BulkIdentitiesRequest {
-    data: Vec<IdentityRequest>,
+struct BulkIdentitiesRaw {
+    data: Vec<Box<RawValue>>,
 }
 
 /// A flag in Flagsmith's API shape.
@@ -198,13 +203,19 @@ pub async fn post_trait(
 pub async fn bulk_traits(
     State(state): State<AppState>,
     Caller(principal): Caller,
+    uri: axum::http::Uri,
     Body(bytes): Body,
 ) -> Result<Json<Value>, ApiError> {
     let document: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    let requests: Vec<TraitRequest> = parse_array(&bytes, state.config.max_batch_items)?;
-    let inputs = requests.into_iter().map(|request| Ok(trait_input(request))).collect();
-    for (index, result) in state.engine.identify(&principal, inputs).await?.into_iter().enumerate() {
-        result.map_err(|error| error.prefixed(&format!("[{index}]")))?;
+    let owned_items: Vec<Box<RawValue>> = parse_array(&bytes, state.config.max_batch_items)?;
+    let raw_items: Vec<&RawValue> = owned_items.iter().map(Box::as_ref).collect();
+    let inputs = raw_items.iter().map(|raw| parse_item::<TraitRequest>(raw).map(trait_input)).collect();
+    let results = state.engine.identify(&principal, inputs).await?;
+    let item_path = |index: usize| format!("[{index}]");
+    log_item_rejections(&state, &principal, DIALECT, uri.path(), &results, &raw_items, item_path).await;
+    // Every valid item is applied; the first refused one is the answer, as Flagsmith answers.
+    for (index, result) in results.into_iter().enumerate() {
+        result.map_err(|error| error.prefixed(&item_path(index)))?;
     }
     Ok(Json(document))
 }
@@ -244,22 +255,26 @@ pub async fn increment_trait(
 pub async fn bulk_identities(
     State(state): State<AppState>,
     Caller(principal): Caller,
+    uri: axum::http::Uri,
     Body(bytes): Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     check_item_count(&bytes, ItemsAt::Field("data"), state.config.max_batch_items)?;
-    let request: BulkIdentitiesRequest = parse_document(&bytes)?;
-    let mut inputs = Vec::with_capacity(request.data.len());
-    for (index, identity) in request.data.into_iter().enumerate() {
-        let SplitTraits { stored, .. } =
-            split_traits(identity.traits).map_err(|error| error.prefixed(&format!("data[{index}]")))?;
-        inputs.push(Ok(IdentifyInput {
-            user_id: Some(identity.identifier),
-            traits: stored,
-            ..IdentifyInput::default()
-        }));
-    }
-    for (index, result) in state.engine.identify(&principal, inputs).await?.into_iter().enumerate() {
-        result.map_err(|error| error.prefixed(&format!("data[{index}]")))?;
+    let request: BulkIdentitiesRaw = parse_document(&bytes)?;
+    let raw_items: Vec<&RawValue> = request.data.iter().map(Box::as_ref).collect();
+    let inputs = raw_items
+        .iter()
+        .map(|raw| {
+            let identity = parse_item::<IdentityRequest>(raw)?;
+            let SplitTraits { stored, .. } = split_traits(identity.traits)?;
+            Ok(IdentifyInput { user_id: Some(identity.identifier), traits: stored, ..IdentifyInput::default() })
+        })
+        .collect();
+    let results = state.engine.identify(&principal, inputs).await?;
+    let item_path = |index: usize| format!("data[{index}]");
+    log_item_rejections(&state, &principal, DIALECT, uri.path(), &results, &raw_items, item_path).await;
+    // Every valid identity is stored; the first refused one is the answer.
+    for (index, result) in results.into_iter().enumerate() {
+        result.map_err(|error| error.prefixed(&item_path(index)))?;
     }
     Ok((StatusCode::ACCEPTED, Json(json!({}))))
 }

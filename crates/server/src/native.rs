@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::body::{Body, parse_item, split_items};
-use crate::error::{ApiError, PublicError};
+use crate::error::{ApiError, MAX_LISTED_REJECTIONS, PublicError};
 use crate::rejections::log_item_rejections;
 
 /// The dialect's name in the rejections log.
@@ -163,10 +163,6 @@ fn one_of<T: PartialEq>(
         (None, None) => Ok(None),
     }
 }
-
-/// Rejected items listed one by one in a batch answer; past these they are only counted, so the
-/// answer to a batch of bad items stays small (the first ones are what a client needs to fix).
-pub const MAX_LISTED_REJECTIONS: usize = 50;
 
 #[derive(Debug, Serialize)]
 pub struct BatchResponse {

@@ -22,7 +22,7 @@ use serde_json::{Map, Value, json};
 
 use crate::AppState;
 use crate::body::{ItemsAt, check_item_count};
-use crate::error::{ApiError, PublicError};
+use crate::error::{ApiError, MAX_LISTED_REJECTIONS, PublicError};
 
 /// The dialect's name in the rejections log.
 const DIALECT: &str = "segment";
@@ -505,9 +505,6 @@ fn raw_write_key(raw: &str) -> Option<String> {
     }
     serde_json::from_str::<OnlyKey>(raw).ok()?.write_key
 }
-
-/// Most rejections an answer lists; beyond, it counts them (the log has the first hundred).
-const MAX_LISTED_REJECTIONS: usize = 50;
 
 /// `POST /v1/batch` (and analytics.js' `/v1/b`) `{"batch": [...], "sentAt": ...}`. The valid
 /// messages are applied and each invalid one refused alone; the answer is 200, which Segment's

@@ -28,6 +28,47 @@ fn init_prints_credentials_as_json_once() {
 }
 
 #[test]
+fn environment_settings_are_changed_from_the_command_line() {
+    let data_directory = tempfile::tempdir().unwrap();
+    let init = Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["init", "--json", "--data-dir"])
+        .arg(data_directory.path())
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+    let set = Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args([
+            "environments",
+            "set",
+            "development",
+            "--allowed-origins",
+            "https://app.example.com, http://localhost:3000",
+        ])
+        .args(["--flagsmith-client-key-reads-traits", "false", "--data-dir"])
+        .arg(data_directory.path())
+        .output()
+        .unwrap();
+    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&set.stdout).unwrap();
+    assert_eq!(
+        answer["settings"]["allowed_origins"],
+        serde_json::json!(["https://app.example.com", "http://localhost:3000"])
+    );
+    assert_eq!(answer["settings"]["flagsmith_client_key_reads_traits"], false);
+    let refused = Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["environments", "set", "development", "--allowed-origins", "https://app.example.com/path", "--data-dir"])
+        .arg(data_directory.path())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("allowed_origins[0]"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}
+
+#[test]
 fn query_reads_a_data_directory_directly() {
     let data_directory = tempfile::tempdir().unwrap();
     let init = Command::new(env!("CARGO_BIN_EXE_roster"))

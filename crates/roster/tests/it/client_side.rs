@@ -328,3 +328,25 @@ async fn customerio_data_pipelines_semantic_events_act_on_devices_and_people() {
     let (_, gone) = server.get("/v1/profiles?user_id=cio-user", &server_key).await;
     assert_eq!(gone["profiles"], json!([]), "erased");
 }
+
+#[tokio::test]
+async fn flagsmith_bulk_identities_store_every_valid_identity_and_log_the_refused_one() {
+    let server = TestServer::start().await;
+    let body = json!({ "data": [
+        { "identifier": "bulk-1", "traits": [{ "trait_key": "plan", "trait_value": "pro" }] },
+        { "identifier": "bulk-2", "traits": [{ "trait_key": "", "trait_value": "no key" }] },
+        { "identifier": "bulk-3", "traits": [{ "trait_key": "plan", "trait_value": "team" }] },
+        { "identifier": "bulk-4", "traits": "not a list" },
+    ] });
+    let (status, answer) = server.post("/api/v1/bulk-identities/", &server.keys.server_key, &body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert_eq!(answer["path"], "data[1].traits[0].trait_key");
+    assert_eq!(server.profile_of_user("bulk-1").await["traits"]["plan"], "pro");
+    assert_eq!(server.profile_of_user("bulk-3").await["traits"]["plan"], "team", "identities after a refused one");
+    let (_, log) = server.get("/v1/rejections", &server.keys.server_key).await;
+    let paths: Vec<&str> =
+        log["rejections"].as_array().unwrap().iter().map(|entry| entry["path"].as_str().unwrap()).collect();
+    assert_eq!(paths.len(), 2, "{log}");
+    assert!(paths.iter().any(|path| path.starts_with("data[3]")), "{paths:?}");
+    assert_eq!(log["rejections"][0]["dialect"], "flagsmith");
+}

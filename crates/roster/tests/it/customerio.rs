@@ -86,6 +86,8 @@ async fn customerio_v2_batches_apply_person_operations_in_order() {
     let bad = json!({ "batch": [
         { "type": "person", "action": "identify", "identifiers": { "id": "b-ok" }, "attributes": { "plan": "pro" } },
         { "type": "person", "action": "launch", "identifiers": { "id": "b-ok" } },
+        { "type": "person", "action": "identify", "identifiers": { "id": "b-after" }, "attributes": { "plan": "team" } },
+        { "type": "person", "unknown_field": true },
     ] });
     let response = server
         .http
@@ -95,12 +97,16 @@ async fn customerio_v2_batches_apply_person_operations_in_order() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 400);
+    // Each refused operation is refused alone; the others are applied whatever their order.
+    assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
-    assert_eq!(body["path"], "batch[1].action");
-    assert_eq!(
-        server.profile_of_user("b-ok").await["traits"]["plan"],
-        "pro",
-        "operations before the refused one stay applied"
-    );
+    assert_eq!(body["errors"][0]["batch_index"], 1);
+    assert_eq!(body["errors"][0]["field"], "batch[1].action");
+    assert_eq!(body["errors"][1]["batch_index"], 3);
+    assert_eq!(body["errors"][1]["reason"], "invalid_type", "{body}");
+    assert_eq!(server.profile_of_user("b-ok").await["traits"]["plan"], "pro");
+    assert_eq!(server.profile_of_user("b-after").await["traits"]["plan"], "team", "operations after a refused one");
+    let (_, log) = server.get("/v1/rejections", &server.keys.server_key).await;
+    assert_eq!(log["rejections"][0]["dialect"], "customerio");
+    assert_eq!(log["rejections"][0]["path"], "batch[3]");
 }
