@@ -12,6 +12,7 @@ mod graph;
 mod native;
 mod profiles;
 mod query;
+mod sdk;
 mod segment;
 
 pub use query::to_csv as csv;
@@ -59,6 +60,8 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/openapi.json", get(openapi))
+        .route("/sdk/roster.js", get(sdk::script))
+        .route("/sdk/roster.mjs", get(sdk::module))
         .route("/identify", post(native::identify))
         .route("/track", post(native::track))
         .route("/alias", post(native::alias))
