@@ -4,10 +4,12 @@
 //! The engine validates input against the configured limits (through `roster-core`), authorises
 //! the caller's key for the operation, and hands durable work to the [`Store`].
 
+mod devices;
 mod document;
 mod flags;
 mod keys;
 mod query_slots;
+mod rejections;
 mod settings;
 
 use std::sync::{Arc, RwLock};
@@ -26,9 +28,10 @@ pub use flags::{
     AnswerSurface, CompiledFlags, FeatureView, FlagAnswer, FlagsAnswer, MembershipProgress, SegmentRef, SegmentView,
 };
 pub use keys::{Environment, KeyIndex, Principal};
+pub use rejections::{REJECTIONS_KEPT, RefusedMessage};
 pub use roster_store::{
     Device, EventPage, IdentifyOutcome, MemberPage, MergeOutcome, Profile, ProfileFilter, ProfilePage, ProfileSelector,
-    QueryOutput, SegmentMember, StoredEvent, TrackOutcome,
+    QueryOutput, Rejection, SegmentMember, StoredEvent, TrackOutcome,
 };
 pub use settings::EnvironmentSettings;
 
@@ -172,6 +175,9 @@ pub struct TrackInput {
     pub timestamp: Option<Timestamp>,
     pub environment: Option<String>,
     pub message_id: Option<String>,
+    /// The SDK's context; a `device.token` in it refreshes that device's `last_used` (and its
+    /// context attributes) on the event's profile.
+    pub context: Option<Map<String, Value>>,
 }
 
 /// Keys of a new or rotated environment. The server key is only ever shown here: the store keeps
@@ -243,6 +249,12 @@ impl Engine {
         let created = self.store.bootstrap(new_environment, keys::hash_secret(&admin_token)).await?;
         self.reload_keys().await?;
         Ok(created.map(|_| BootstrapCredentials { admin_token, environments: vec![environment_keys] }))
+    }
+
+    /// Whether any environment lets browsers on `origin` call its client endpoints (what a CORS
+    /// preflight, which carries no key, can be answered from).
+    pub fn origin_allowed_anywhere(&self, origin: &str) -> bool {
+        self.current_keys().environments().iter().any(|environment| environment.settings.allows_origin(origin))
     }
 
     /// Resolves a presented key (client key, server key or admin token).
@@ -504,12 +516,17 @@ impl Engine {
     ) -> EngineResult<Vec<Result<TrackOutcome, FieldError>>> {
         let environment = principal.require_environment()?;
         let received_at = now();
+        let mut devices: Vec<Option<DeviceUpdate>> = Vec::with_capacity(items.len());
         let commands = items
             .into_iter()
             .enumerate()
             .map(|(index, item)| {
+                devices.push(None);
                 let input = item?;
                 check_environment(environment, input.environment.as_deref())?;
+                if let Some(context) = &input.context {
+                    devices[index] = DeviceUpdate::from_context(context, &self.config.limits)?;
+                }
                 TrackCommand::new(
                     input.user_id,
                     input.anonymous_id,
@@ -522,7 +539,9 @@ impl Engine {
             })
             .collect();
         let policy = self.write_policy(environment.id).await?;
-        apply_in_order(commands, |commands| self.store.track(environment.id, commands, policy)).await
+        let results = apply_in_order(commands, |commands| self.store.track(environment.id, commands, policy)).await?;
+        self.refresh_devices_of_events(environment.id, &results, devices).await?;
+        Ok(results)
     }
 
     /// A profile's events, newest first. Server key only.

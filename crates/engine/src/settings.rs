@@ -14,16 +14,35 @@ pub struct EnvironmentSettings {
     /// off, a client key gets back only the traits it sent in that request.
     #[serde(default = "on")]
     pub flagsmith_client_key_reads_traits: bool,
+    /// Browser origins (`https://app.example.com`) that may call the environment's client
+    /// endpoints cross-origin; `"*"` is any origin (the default, as the vendors do), `[]` none.
+    #[serde(default = "any_origin")]
+    pub allowed_origins: Vec<String>,
 }
 
 fn on() -> bool {
     true
 }
 
+fn any_origin() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
 impl Default for EnvironmentSettings {
     fn default() -> Self {
-        EnvironmentSettings { flagsmith_client_key_reads_traits: true }
+        EnvironmentSettings { flagsmith_client_key_reads_traits: true, allowed_origins: any_origin() }
     }
+}
+
+/// Whether `origin` is a browser origin as the `Origin` header carries it: a scheme, `://`, a
+/// host and maybe a port — no path, query or trailing slash.
+fn is_origin(origin: &str) -> bool {
+    let Some((scheme, rest)) = origin.split_once("://") else { return false };
+    let scheme_ok = !scheme.is_empty()
+        && scheme.chars().all(|character| character.is_ascii_alphanumeric() || "+-.".contains(character));
+    let host_ok = !rest.is_empty()
+        && rest.chars().all(|character| character.is_ascii_alphanumeric() || "-.:[]".contains(character));
+    scheme_ok && host_ok
 }
 
 impl EnvironmentSettings {
@@ -49,12 +68,29 @@ impl EnvironmentSettings {
                 merged.insert(key.clone(), value.clone());
             }
         }
-        serde_json::from_value(Value::Object(merged)).map_err(|error| {
+        let settings: EnvironmentSettings = serde_json::from_value(Value::Object(merged)).map_err(|error| {
             let message = error.to_string();
             let code =
                 if message.starts_with("unknown field") { ErrorCode::UnknownField } else { ErrorCode::InvalidType };
             FieldError::new(code, "settings", message)
-        })
+        })?;
+        for (index, origin) in settings.allowed_origins.iter().enumerate() {
+            if origin != "*" && !is_origin(origin) {
+                return Err(FieldError::new(
+                    ErrorCode::InvalidType,
+                    format!("settings.allowed_origins[{index}]"),
+                    format!(
+                        "`{origin}` is not an origin: write `scheme://host[:port]` (no path or trailing `/`), or `*`"
+                    ),
+                ));
+            }
+        }
+        Ok(settings)
+    }
+
+    /// Whether a browser on `origin` may call the environment's client endpoints.
+    pub fn allows_origin(&self, origin: &str) -> bool {
+        self.allowed_origins.iter().any(|allowed| allowed == "*" || allowed.eq_ignore_ascii_case(origin))
     }
 }
 
@@ -73,6 +109,26 @@ mod tests {
         assert!(!hidden.flagsmith_client_key_reads_traits);
         let restored = hidden.patched(json!({ "flagsmith_client_key_reads_traits": null }).as_object().unwrap());
         assert!(restored.unwrap().flagsmith_client_key_reads_traits);
+    }
+
+    #[test]
+    fn origins_are_any_by_default_and_checked_when_set() {
+        let settings = EnvironmentSettings::default();
+        assert!(settings.allows_origin("https://anything.example"));
+        let listed = settings
+            .patched(
+                json!({ "allowed_origins": ["https://app.example.com", "http://localhost:3000"] }).as_object().unwrap(),
+            )
+            .unwrap();
+        assert!(listed.allows_origin("https://app.example.com"));
+        assert!(listed.allows_origin("http://localhost:3000"));
+        assert!(!listed.allows_origin("https://evil.example"));
+        let none = settings.patched(json!({ "allowed_origins": [] }).as_object().unwrap()).unwrap();
+        assert!(!none.allows_origin("https://app.example.com"));
+        let refused = settings
+            .patched(json!({ "allowed_origins": ["https://app.example.com/"] }).as_object().unwrap())
+            .unwrap_err();
+        assert_eq!(refused.path, "settings.allowed_origins[0]");
     }
 
     #[test]

@@ -24,12 +24,32 @@ impl FromRequestParts<AppState> for Caller {
                 "send an API key in the `X-API-Key` header, as `Authorization: Bearer <key>`, or as `?apiKey=<key>`",
             ));
         };
-        state
+        let principal = state
             .engine
             .authenticate(&presented_key)
-            .map(Caller)
-            .ok_or_else(|| ApiError::new(ErrorCode::InvalidApiKey, "the API key is not valid for any environment"))
+            .ok_or_else(|| ApiError::new(ErrorCode::InvalidApiKey, "the API key is not valid for any environment"))?;
+        check_origin(&principal, &parts.headers)?;
+        Ok(Caller(principal))
     }
+}
+
+/// Refuses a browser request from an origin the key's environment does not allow (its
+/// `allowed_origins` setting), before anything is done. Requests without `Origin` (servers,
+/// apps) are not browsers' and pass.
+pub(crate) fn check_origin(principal: &Principal, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(origin) = headers.get(header::ORIGIN) else { return Ok(()) };
+    let (Principal::Client(environment) | Principal::Server(environment)) = principal else { return Ok(()) };
+    let origin = origin.to_str().unwrap_or_default();
+    if environment.settings.allows_origin(origin) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorCode::OriginNotAllowed,
+        format!(
+            "the origin `{origin}` may not call environment `{}`; add it to the environment's `allowed_origins`",
+            environment.slug
+        ),
+    ))
 }
 
 fn presented_key(headers: &HeaderMap, query: Option<&str>) -> Option<String> {

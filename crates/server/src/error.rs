@@ -40,7 +40,9 @@ impl PublicError {
 
 fn error_type(code: ErrorCode) -> &'static str {
     match code {
-        ErrorCode::MissingApiKey | ErrorCode::InvalidApiKey | ErrorCode::Forbidden => "auth",
+        ErrorCode::MissingApiKey | ErrorCode::InvalidApiKey | ErrorCode::Forbidden | ErrorCode::OriginNotAllowed => {
+            "auth"
+        }
         ErrorCode::Internal | ErrorCode::QueryUnavailable => "internal",
         _ => "invalid_request",
     }
@@ -51,7 +53,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ErrorCode::MissingApiKey | ErrorCode::InvalidApiKey => StatusCode::UNAUTHORIZED,
-        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::Forbidden | ErrorCode::OriginNotAllowed => StatusCode::FORBIDDEN,
         ErrorCode::NotFound => StatusCode::NOT_FOUND,
         ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::EnvironmentExists
@@ -118,7 +120,11 @@ impl From<EngineError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let origin_refused = self.body.code == ErrorCode::OriginNotAllowed.as_str();
         let mut response = (self.status, Json(self.body)).into_response();
+        if origin_refused {
+            response.extensions_mut().insert(crate::cors::OriginRefused);
+        }
         if let Some(seconds) = self.retry_after_seconds {
             response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(seconds));
         }

@@ -4,6 +4,7 @@
 mod admin;
 mod auth;
 mod body;
+mod cors;
 mod customerio;
 pub mod error;
 mod flags;
@@ -12,6 +13,7 @@ mod graph;
 mod native;
 mod profiles;
 mod query;
+mod rejections;
 mod sdk;
 mod segment;
 
@@ -24,7 +26,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use roster_core::ErrorCode;
 use roster_engine::Engine;
 use tokio::net::TcpListener;
@@ -58,14 +60,64 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
     let max_body_bytes = config.max_body_bytes;
     let state = AppState { engine, config: Arc::new(config) };
     Router::new()
+        .merge(client_routes(state.clone()))
+        .merge(server_routes())
+        .fallback(|| async { ApiError::not_found("no such endpoint; see docs/api.md") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(ErrorCode::MethodNotAllowed, "this endpoint does not accept that HTTP method")
+        })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Endpoints a client key may call, from browsers on other origins too: they answer CORS
+/// preflights and carry CORS headers for the origins the environment allows.
+fn client_routes(state: AppState) -> Router<AppState> {
+    let routes: Vec<(&str, MethodRouter<AppState>)> = vec![
+        ("/identify", post(native::identify)),
+        ("/track", post(native::track)),
+        ("/alias", post(native::alias)),
+        ("/v1/flags", get(flags::default_flags).post(flags::identify_and_evaluate)),
+        // Segment's tracking API, and the short paths analytics.js and Customer.io's browser
+        // SDK post to.
+        ("/v1/identify", post(segment::identify)),
+        ("/v1/i", post(segment::identify)),
+        ("/v1/track", post(segment::track)),
+        ("/v1/t", post(segment::track)),
+        ("/v1/alias", post(segment::alias)),
+        ("/v1/a", post(segment::alias)),
+        ("/v1/page", post(segment::page)),
+        ("/v1/p", post(segment::page)),
+        ("/v1/screen", post(segment::screen)),
+        ("/v1/s", post(segment::screen)),
+        ("/v1/group", post(segment::group)),
+        ("/v1/g", post(segment::group)),
+        ("/v1/batch", post(segment::batch)),
+        ("/v1/b", post(segment::batch)),
+        ("/api/v1/flags/", get(flagsmith::flags)),
+        ("/api/v1/identities/", get(flagsmith::get_identity).post(flagsmith::post_identity)),
+        ("/api/v1/traits/", post(flagsmith::post_trait)),
+        ("/api/v1/traits/bulk/", axum::routing::put(flagsmith::bulk_traits)),
+        ("/api/v1/traits/increment-value/", post(flagsmith::increment_trait)),
+    ];
+    routes
+        .into_iter()
+        // `OPTIONS` routed too, so the CORS layer sees preflights (it answers them itself).
+        .fold(Router::new(), |router, (path, methods)| router.route(path, methods.options(cors::preflight)))
+        .route_layer(axum::middleware::from_fn_with_state(state, cors::cors))
+}
+
+/// Endpoints for server keys and the admin token: same-origin only (no CORS).
+fn server_routes() -> Router<AppState> {
+    Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/openapi.json", get(openapi))
         .route("/sdk/roster.js", get(sdk::script))
         .route("/sdk/roster.mjs", get(sdk::module))
-        .route("/identify", post(native::identify))
-        .route("/track", post(native::track))
-        .route("/alias", post(native::alias))
         .route("/v1/query", post(query::query))
+        .route("/v1/rejections", get(rejections::list_rejections))
         .route("/v1/profiles", get(profiles::list_profiles))
         .route("/v1/profiles/merge", post(graph::merge))
         .route("/v1/profiles/erase", post(graph::erase))
@@ -92,15 +144,7 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
             "/v1/features/{feature_id}/overrides/{profile_id}",
             axum::routing::put(flags::put_identity_override).delete(flags::delete_identity_override),
         )
-        .route("/v1/flags", get(flags::default_flags).post(flags::identify_and_evaluate))
         .route("/v1/environment-document", get(flags::environment_document))
-        .route("/v1/identify", post(segment::identify))
-        .route("/v1/track", post(segment::track))
-        .route("/v1/alias", post(segment::alias))
-        .route("/v1/page", post(segment::page))
-        .route("/v1/screen", post(segment::screen))
-        .route("/v1/group", post(segment::group))
-        .route("/v1/batch", post(segment::batch))
         .route(
             "/api/v1/customers/{identifier}",
             axum::routing::put(customerio::put_customer).delete(customerio::delete_customer),
@@ -113,24 +157,11 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
         .route("/api/v1/events", post(customerio::anonymous_event))
         .route("/api/v1/merge_customers", post(customerio::merge_customers))
         .route("/api/v2/batch", post(customerio::batch))
-        .route("/api/v1/flags/", get(flagsmith::flags))
-        .route("/api/v1/identities/", get(flagsmith::get_identity).post(flagsmith::post_identity))
-        .route("/api/v1/traits/", post(flagsmith::post_trait))
-        .route("/api/v1/traits/bulk/", axum::routing::put(flagsmith::bulk_traits))
-        .route("/api/v1/traits/increment-value/", post(flagsmith::increment_trait))
         .route("/api/v1/bulk-identities/", post(flagsmith::bulk_identities))
         .route("/api/v1/environment-document/", get(flagsmith::environment_document))
         .route("/v1/admin/environments", get(admin::list_environments).post(admin::create_environment))
         .route("/v1/admin/environments/{slug}", axum::routing::patch(admin::update_environment))
         .route("/v1/admin/environments/{slug}/rotate-keys", post(admin::rotate_keys))
-        .fallback(|| async { ApiError::not_found("no such endpoint; see docs/api.md") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(ErrorCode::MethodNotAllowed, "this endpoint does not accept that HTTP method")
-        })
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(CatchPanicLayer::custom(panic_response))
-        .layer(TraceLayer::new_for_http())
-        .with_state(state)
 }
 
 /// The OpenAPI document of the native and management API, listing the vendor wire formats.

@@ -15,6 +15,10 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::body::{Body, parse_item, split_items};
 use crate::error::{ApiError, PublicError};
+use crate::rejections::log_item_rejections;
+
+/// The dialect's name in the rejections log.
+const DIALECT: &str = "native";
 
 /// One identify in the native shape. Unknown fields are refused so that a typo (`trait` for
 /// `traits`) is an error, not silently ignored data.
@@ -113,8 +117,7 @@ struct NativeTrack {
     anonymous_id: Option<String>,
     properties: Option<Map<String, Value>>,
     timestamp: Option<String>,
-    /// Accepted for compatibility; not stored with the event.
-    #[allow(dead_code)]
+    /// A `device.token` in it refreshes that device's `last_used`.
     context: Option<Map<String, Value>>,
     message_id: Option<String>,
     environment: Option<String>,
@@ -136,6 +139,7 @@ impl NativeTrack {
             timestamp,
             environment: self.environment,
             message_id: self.message_id,
+            context: self.context,
         })
     }
 }
@@ -223,6 +227,8 @@ pub async fn identify(
             rejection.message = rejection.message.replace("`traits", "`user_traits");
         }
     }
+    log_item_rejections(&state, &principal, DIALECT, "/identify", &results, &items.raw, |index| items.item_path(index))
+        .await;
     let shown = OutcomeDetail::for_caller(&principal);
     Ok(batch_response(&results, |index| items.item_path(index), |index, outcome| identify_item(index, outcome, shown)))
 }
@@ -236,6 +242,8 @@ pub async fn alias(
     let items = split_items(&bytes)?;
     let inputs = items.raw.iter().map(|raw| parse_item::<NativeAlias>(raw).and_then(NativeAlias::into_input)).collect();
     let results = state.engine.alias(&principal, inputs).await?;
+    log_item_rejections(&state, &principal, DIALECT, "/alias", &results, &items.raw, |index| items.item_path(index))
+        .await;
     let shown = OutcomeDetail::for_caller(&principal);
     Ok(batch_response(&results, |index| items.item_path(index), |index, outcome| identify_item(index, outcome, shown)))
 }
@@ -249,6 +257,8 @@ pub async fn track(
     let items = split_items(&bytes)?;
     let inputs = items.raw.iter().map(|raw| parse_item::<NativeTrack>(raw).and_then(NativeTrack::into_input)).collect();
     let results = state.engine.track(&principal, inputs).await?;
+    log_item_rejections(&state, &principal, DIALECT, "/track", &results, &items.raw, |index| items.item_path(index))
+        .await;
     let shown = OutcomeDetail::for_caller(&principal);
     Ok(batch_response(&results, |index| items.item_path(index), |index, outcome| track_item(index, outcome, shown)))
 }

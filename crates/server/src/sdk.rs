@@ -38,7 +38,9 @@ fn javascript(source: &'static str, headers: &HeaderMap) -> Response {
         return (StatusCode::NOT_MODIFIED, cache).into_response();
     }
     let content_type = (header::CONTENT_TYPE, HeaderValue::from_static("text/javascript; charset=utf-8"));
-    (cache, [content_type], source).into_response()
+    // Public code: any page may load it, and a module script from another origin needs CORS.
+    let any_origin = (header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    (cache, [content_type, any_origin], source).into_response()
 }
 
 /// FNV-1a: a stable hash of the source for the ETag (stable across builds, unlike `DefaultHasher`).

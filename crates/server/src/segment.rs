@@ -14,14 +14,17 @@ use std::io::Read;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use roster_core::{ErrorCode, FieldError, Timestamp};
-use roster_engine::{AliasInput, IdentifyInput, Principal, TrackInput};
+use roster_engine::{AliasInput, IdentifyInput, Principal, RefusedMessage, TrackInput};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, PublicError};
+
+/// The dialect's name in the rejections log.
+const DIALECT: &str = "segment";
 
 /// Largest single message Segment accepts.
 const MAX_MESSAGE_BYTES: usize = 32 * 1024;
@@ -111,10 +114,12 @@ fn authenticate(state: &AppState, headers: &HeaderMap, body_key: Option<&str>) -
             "send the write key as the HTTP Basic user, as a Bearer token, or as `writeKey`",
         )
     })?;
-    state
+    let principal = state
         .engine
         .authenticate(&key)
-        .ok_or_else(|| ApiError::new(ErrorCode::InvalidApiKey, "the write key is not valid for any environment"))
+        .ok_or_else(|| ApiError::new(ErrorCode::InvalidApiKey, "the write key is not valid for any environment"))?;
+    crate::auth::check_origin(&principal, headers)?;
+    Ok(principal)
 }
 
 /// An id Segment allows as string or number, as text.
@@ -153,6 +158,72 @@ enum Command {
     Identify(IdentifyInput),
     Track(TrackInput),
     Alias(AliasInput),
+    /// A semantic event of Customer.io's Data Pipelines SDKs, acting on Roster's model.
+    Semantic(SemanticEvent),
+}
+
+/// Customer.io Data Pipelines' semantic track events (its SDKs speak Segment's format).
+enum SemanticEvent {
+    /// `Device Created or Updated`: `context.device.token`/`type` and flattened context as with
+    /// any identify, custom attributes from `properties`.
+    DeviceUpserted { identify: IdentifyInput, attributes: Map<String, Value> },
+    /// `Device Deleted`.
+    DeviceDeleted { user_id: Option<String>, anonymous_id: Option<String>, token: String },
+    /// `User Deleted`: the person is erased (server key).
+    UserDeleted { user_id: String },
+    /// `User Suppressed` / `User Unsuppressed` (server key).
+    UserSuppressed { user_id: String, suppressed: bool },
+}
+
+/// The device token of a message's context, if it names one.
+fn context_device_token(context: Option<&Map<String, Value>>) -> Option<String> {
+    context?.get("device")?.get("token")?.as_str().map(str::to_owned)
+}
+
+/// A semantic event's command, or `None` for an ordinary event.
+fn semantic_event(
+    event: &str,
+    user_id: &Option<String>,
+    anonymous_id: &Option<String>,
+    message: &mut Message,
+    timestamp: Option<Timestamp>,
+    message_id: &Option<String>,
+) -> Result<Option<SemanticEvent>, FieldError> {
+    let needs_user = |what: &str| {
+        user_id.clone().ok_or_else(|| {
+            FieldError::new(ErrorCode::MissingIdentifier, "userId", format!("`{what}` needs the person's `userId`"))
+        })
+    };
+    Ok(Some(match event {
+        "Device Created or Updated" => SemanticEvent::DeviceUpserted {
+            identify: IdentifyInput {
+                user_id: user_id.clone(),
+                anonymous_id: anonymous_id.clone(),
+                timestamp,
+                message_id: message_id.clone(),
+                context: message.context.clone(),
+                ..IdentifyInput::default()
+            },
+            attributes: message.properties.take().unwrap_or_default(),
+        },
+        "Device Deleted" => SemanticEvent::DeviceDeleted {
+            user_id: user_id.clone(),
+            anonymous_id: anonymous_id.clone(),
+            token: context_device_token(message.context.as_ref())
+                .or_else(|| message.properties.as_ref()?.get("token").and_then(Value::as_str).map(str::to_owned))
+                .ok_or_else(|| {
+                    FieldError::new(
+                        ErrorCode::MissingIdentifier,
+                        "context.device.token",
+                        "`Device Deleted` needs the device's token",
+                    )
+                })?,
+        },
+        "User Deleted" => SemanticEvent::UserDeleted { user_id: needs_user(event)? },
+        "User Suppressed" => SemanticEvent::UserSuppressed { user_id: needs_user(event)?, suppressed: true },
+        "User Unsuppressed" => SemanticEvent::UserSuppressed { user_id: needs_user(event)?, suppressed: false },
+        _ => return Ok(None),
+    }))
 }
 
 fn command(
@@ -182,15 +253,24 @@ fn command(
                 ..IdentifyInput::default()
             })
         }
-        "track" => Command::Track(TrackInput {
-            user_id,
-            anonymous_id,
-            event: message.event,
-            properties: message.properties.unwrap_or_default(),
-            timestamp,
-            message_id,
-            ..TrackInput::default()
-        }),
+        "track" => {
+            let event = message.event.clone().unwrap_or_default();
+            if let Some(semantic) =
+                semantic_event(&event, &user_id, &anonymous_id, &mut message, timestamp, &message_id)?
+            {
+                return Ok(Command::Semantic(semantic));
+            }
+            Command::Track(TrackInput {
+                user_id,
+                anonymous_id,
+                event: message.event,
+                properties: message.properties.unwrap_or_default(),
+                timestamp,
+                message_id,
+                context: message.context,
+                ..TrackInput::default()
+            })
+        }
         "page" | "screen" => {
             let mut properties = message.properties.unwrap_or_default();
             if let Some(name) = message.name {
@@ -206,6 +286,7 @@ fn command(
                 properties,
                 timestamp,
                 message_id,
+                context: message.context,
                 ..TrackInput::default()
             })
         }
@@ -243,77 +324,136 @@ fn command(
     })
 }
 
-/// Applies the messages in order (consecutive ones of one kind in one engine call); the first
-/// rejection, with its path, is the answer.
-async fn apply(state: &AppState, principal: &Principal, commands: Vec<(String, Command)>) -> Result<(), ApiError> {
-    let mut index = 0;
-    while index < commands.len() {
-        let start = index;
-        let same_kind =
-            |command: &Command, first: &Command| std::mem::discriminant(command) == std::mem::discriminant(first);
-        while index < commands.len() && same_kind(&commands[index].1, &commands[start].1) {
-            index += 1;
-        }
-        let run = &commands[start..index];
-        let failures: Vec<Option<FieldError>> = match &run[0].1 {
-            Command::Identify(_) => {
-                let inputs = run
-                    .iter()
-                    .filter_map(|(_, command)| match command {
-                        Command::Identify(input) => Some(Ok(input.clone())),
-                        _ => None,
-                    })
-                    .collect();
-                state.engine.identify(principal, inputs).await?.into_iter().map(Result::err).collect()
+/// Applies the commands in order (consecutive identifies, tracks or aliases in one engine call)
+/// and answers each one's rejection, if any, in the same order.
+async fn apply(
+    state: &AppState,
+    principal: &Principal,
+    commands: Vec<Command>,
+) -> Result<Vec<Option<FieldError>>, ApiError> {
+    let mut failures = Vec::with_capacity(commands.len());
+    let mut commands = commands.into_iter().peekable();
+    while let Some(first) = commands.next() {
+        match first {
+            Command::Identify(input) => {
+                let mut inputs = vec![Ok(input)];
+                while let Some(Command::Identify(_)) = commands.peek() {
+                    if let Some(Command::Identify(input)) = commands.next() {
+                        inputs.push(Ok(input));
+                    }
+                }
+                let results = state.engine.identify(principal, inputs).await?;
+                failures.extend(results.into_iter().map(Result::err));
             }
-            Command::Track(_) => {
-                let inputs = run
-                    .iter()
-                    .filter_map(|(_, command)| match command {
-                        Command::Track(input) => Some(Ok(input.clone())),
-                        _ => None,
-                    })
-                    .collect();
-                state.engine.track(principal, inputs).await?.into_iter().map(Result::err).collect()
+            Command::Track(input) => {
+                let mut inputs = vec![Ok(input)];
+                while let Some(Command::Track(_)) = commands.peek() {
+                    if let Some(Command::Track(input)) = commands.next() {
+                        inputs.push(Ok(input));
+                    }
+                }
+                let results = state.engine.track(principal, inputs).await?;
+                failures.extend(results.into_iter().map(Result::err));
             }
-            Command::Alias(_) => {
-                let inputs = run
-                    .iter()
-                    .filter_map(|(_, command)| match command {
-                        Command::Alias(input) => Some(Ok(input.clone())),
-                        _ => None,
-                    })
-                    .collect();
-                state.engine.alias(principal, inputs).await?.into_iter().map(Result::err).collect()
+            Command::Alias(input) => {
+                let mut inputs = vec![Ok(input)];
+                while let Some(Command::Alias(_)) = commands.peek() {
+                    if let Some(Command::Alias(input)) = commands.next() {
+                        inputs.push(Ok(input));
+                    }
+                }
+                let results = state.engine.alias(principal, inputs).await?;
+                failures.extend(results.into_iter().map(Result::err));
             }
-        };
-        if let Some((failure, (path, _))) =
-            failures.into_iter().zip(run).find_map(|(failure, item)| failure.map(|failure| (failure, item)))
-        {
-            return Err(failure.prefixed(path).into());
+            Command::Semantic(event) => failures.push(apply_semantic(state, principal, event).await?),
         }
     }
-    Ok(())
+    Ok(failures)
 }
 
-fn parse_message(raw: &str, path: &str) -> Result<Message, ApiError> {
+/// One semantic event through the engine function each stands for; its rejection, if any.
+async fn apply_semantic(
+    state: &AppState,
+    principal: &Principal,
+    event: SemanticEvent,
+) -> Result<Option<FieldError>, ApiError> {
+    let engine = &state.engine;
+    let outcome = match event {
+        SemanticEvent::DeviceUpserted { identify, attributes } => {
+            return Ok(engine.register_device_from_event(principal, identify, attributes).await?.err());
+        }
+        SemanticEvent::DeviceDeleted { user_id, anonymous_id, token } => {
+            engine.delete_device_of_person(principal, user_id.as_deref(), anonymous_id.as_deref(), &token).await
+        }
+        SemanticEvent::UserDeleted { user_id } => {
+            let selector = roster_engine::ProfileSelector::Identifier(roster_core::IdentifierKind::UserId, user_id);
+            match engine.erase(principal, selector).await {
+                // Erasing someone Roster never saw is done already.
+                Err(roster_engine::EngineError::NotFound(_)) => Ok(()),
+                other => other.map(|_| ()),
+            }
+        }
+        SemanticEvent::UserSuppressed { user_id, suppressed } => {
+            engine.set_suppressed(principal, &user_id, suppressed).await
+        }
+    };
+    match outcome {
+        Ok(()) => Ok(None),
+        // A refusal of this message alone (a client key may not erase or suppress people).
+        Err(roster_engine::EngineError::Forbidden(message)) => {
+            Ok(Some(FieldError::new(ErrorCode::Forbidden, "", message)))
+        }
+        Err(roster_engine::EngineError::Invalid(rejection)) => Ok(Some(rejection)),
+        Err(other) => Err(other.into()),
+    }
+}
+
+/// One message, or its rejection (a message over Segment's 32 KB limit is refused alone).
+fn parse_message(raw: &str, path: &str) -> Result<Message, FieldError> {
     if raw.len() > MAX_MESSAGE_BYTES {
-        return Err(too_large(format!(
-            "{path} is {} bytes; Segment's limit is {MAX_MESSAGE_BYTES} bytes per message",
-            raw.len()
-        )));
+        return Err(FieldError::new(
+            ErrorCode::PayloadTooLarge,
+            path,
+            format!("is {} bytes; Segment's limit is {MAX_MESSAGE_BYTES} bytes per message", raw.len()),
+        ));
+    }
+    if !raw.trim_start().starts_with('{') {
+        return Err(FieldError::new(ErrorCode::InvalidType, path, "each message must be a JSON object"));
     }
     let mut deserializer = serde_json::Deserializer::from_str(raw);
     serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
         let message = error.inner().to_string();
         let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
-        FieldError::new(ErrorCode::InvalidType, error.path().to_string(), message).prefixed(path).into()
+        let field = if error.path().to_string() == "." { String::new() } else { error.path().to_string() };
+        FieldError::new(ErrorCode::InvalidType, field, message).prefixed(path)
     })
+}
+
+/// The `messageId` of a raw message, for the rejections log, when it can be read.
+fn raw_message_id(raw: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct OnlyId {
+        #[serde(rename = "messageId")]
+        message_id: Option<String>,
+    }
+    serde_json::from_str::<OnlyId>(raw).ok()?.message_id
+}
+
+/// A refused message for the answer and the rejections log.
+fn refusal(error: &FieldError, raw: &str) -> RefusedMessage {
+    RefusedMessage {
+        path: error.path.clone(),
+        message_id: raw_message_id(raw),
+        code: error.code.as_str().to_owned(),
+        error: PublicError::from_field(error).message,
+        payload: raw.to_owned(),
+    }
 }
 
 async fn single(
     state: AppState,
     headers: HeaderMap,
+    uri: Uri,
     bytes: Bytes,
     kind: &'static str,
 ) -> Result<Json<Value>, ApiError> {
@@ -323,15 +463,61 @@ async fn single(
     if serde_json::from_str::<&serde_json::value::RawValue>(text).is_err() {
         return Err(ApiError::new(ErrorCode::MalformedJson, "the body is not valid JSON"));
     }
-    let message = parse_message(text, "")?;
+    let message = match parse_message(text, "") {
+        Ok(message) => message,
+        // Authenticated from the raw body, so the refusal reaches the right log.
+        Err(rejection) => {
+            if let Ok(principal) = authenticate(&state, &headers, raw_write_key(text).as_deref()) {
+                let refused = vec![refusal(&rejection, text)];
+                state.engine.record_rejections(&principal, DIALECT, uri.path(), refused).await;
+            }
+            return Err(single_refusal(rejection));
+        }
+    };
     let principal = authenticate(&state, &headers, message.write_key.as_deref())?;
-    let command = command(message, kind, None, now())?;
-    apply(&state, &principal, vec![(String::new(), command)]).await?;
+    let outcome = match command(message, kind, None, now()) {
+        Ok(command) => apply(&state, &principal, vec![command]).await?.into_iter().flatten().next(),
+        Err(rejection) => Some(rejection),
+    };
+    if let Some(rejection) = outcome {
+        state.engine.record_rejections(&principal, DIALECT, uri.path(), vec![refusal(&rejection, text)]).await;
+        return Err(single_refusal(rejection));
+    }
     Ok(Json(json!({ "success": true })))
 }
 
-/// `POST /v1/batch` `{"batch": [...], "sentAt": ...}`.
-pub async fn batch(State(state): State<AppState>, headers: HeaderMap, bytes: Bytes) -> Result<Json<Value>, ApiError> {
+/// A single message's refusal: 400 whatever the rule (Segment's libraries do not retry a 400).
+fn single_refusal(rejection: FieldError) -> ApiError {
+    let mut error = ApiError::from(rejection);
+    if error.status == StatusCode::PAYLOAD_TOO_LARGE {
+        error.status = StatusCode::BAD_REQUEST;
+    }
+    error
+}
+
+/// The `writeKey` of a raw body, when it can be read.
+fn raw_write_key(raw: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct OnlyKey {
+        #[serde(rename = "writeKey")]
+        write_key: Option<String>,
+    }
+    serde_json::from_str::<OnlyKey>(raw).ok()?.write_key
+}
+
+/// Most rejections an answer lists; beyond, it counts them (the log has the first hundred).
+const MAX_LISTED_REJECTIONS: usize = 50;
+
+/// `POST /v1/batch` (and analytics.js' `/v1/b`) `{"batch": [...], "sentAt": ...}`. The valid
+/// messages are applied and each invalid one refused alone; the answer is 200, which Segment's
+/// libraries take as "delivered" (they would drop a 400 anyway and never retry either), and
+/// lists the refusals, which also go to the environment's rejections log.
+pub async fn batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+    bytes: Bytes,
+) -> Result<Json<Value>, ApiError> {
     let body = inflate(&bytes)?;
     if body.len() > MAX_BATCH_BYTES {
         return Err(too_large(format!(
@@ -343,59 +529,117 @@ pub async fn batch(State(state): State<AppState>, headers: HeaderMap, bytes: Byt
         ApiError::new(ErrorCode::MalformedJson, format!("the body is not a Segment batch: {error}"))
     })?;
     let received_at = now();
+    let mut refused: Vec<(usize, FieldError)> = Vec::new();
     let mut messages = Vec::with_capacity(batch.batch.len());
     for (index, raw) in batch.batch.iter().enumerate() {
-        let path = format!("batch[{index}]");
-        let message = parse_message(raw.get(), &path)?;
-        messages.push((path, message));
+        match parse_message(raw.get(), &format!("batch[{index}]")) {
+            Ok(message) => messages.push((index, message)),
+            Err(rejection) => refused.push((index, rejection)),
+        }
     }
     let body_key =
         batch.write_key.clone().or_else(|| messages.iter().find_map(|(_, message)| message.write_key.clone()));
     let principal = authenticate(&state, &headers, body_key.as_deref())?;
     let mut commands = Vec::with_capacity(messages.len());
-    for (path, message) in messages {
-        let kind = message.kind.clone().ok_or_else(|| {
-            ApiError::from(FieldError::new(
-                ErrorCode::InvalidType,
-                format!("{path}.type"),
-                "each batch message needs `type`",
-            ))
-        })?;
-        commands.push((
-            path.clone(),
-            command(message, &kind, Some(&batch), received_at).map_err(|error| error.prefixed(&path))?,
-        ));
+    let mut command_indexes = Vec::with_capacity(messages.len());
+    for (index, message) in messages {
+        let path = format!("batch[{index}]");
+        let built = match message.kind.clone() {
+            Some(kind) => command(message, &kind, Some(&batch), received_at).map_err(|error| error.prefixed(&path)),
+            None => {
+                Err(FieldError::new(ErrorCode::InvalidType, format!("{path}.type"), "each batch message needs `type`"))
+            }
+        };
+        match built {
+            Ok(command) => {
+                commands.push(command);
+                command_indexes.push(index);
+            }
+            Err(rejection) => refused.push((index, rejection)),
+        }
     }
-    apply(&state, &principal, commands).await?;
-    Ok(Json(json!({ "success": true })))
+    let failures = apply(&state, &principal, commands).await?;
+    for (index, failure) in command_indexes.into_iter().zip(failures) {
+        if let Some(rejection) = failure {
+            refused.push((index, rejection.prefixed(&format!("batch[{index}]"))));
+        }
+    }
+    refused.sort_by_key(|(index, _)| *index);
+    let accepted = batch.batch.len() - refused.len();
+    if refused.is_empty() {
+        return Ok(Json(json!({ "success": true })));
+    }
+    let listed: Vec<Value> = refused
+        .iter()
+        .take(MAX_LISTED_REJECTIONS)
+        .map(|(index, rejection)| {
+            let mut public = serde_json::to_value(PublicError::from_field(rejection)).unwrap_or_default();
+            public["index"] = json!(index);
+            public
+        })
+        .collect();
+    let log = refused.iter().map(|(index, rejection)| refusal(rejection, batch.batch[*index].get())).collect();
+    state.engine.record_rejections(&principal, DIALECT, uri.path(), log).await;
+    Ok(Json(json!({
+        "success": true,
+        "accepted": accepted,
+        "rejected": refused.len(),
+        "rejections": listed,
+    })))
 }
 
 pub async fn identify(
     State(state): State<AppState>,
     headers: HeaderMap,
+    uri: Uri,
     bytes: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    single(state, headers, bytes, "identify").await
+    single(state, headers, uri, bytes, "identify").await
 }
 
-pub async fn track(State(state): State<AppState>, headers: HeaderMap, bytes: Bytes) -> Result<Json<Value>, ApiError> {
-    single(state, headers, bytes, "track").await
+pub async fn track(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+    bytes: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    single(state, headers, uri, bytes, "track").await
 }
 
-pub async fn alias(State(state): State<AppState>, headers: HeaderMap, bytes: Bytes) -> Result<Json<Value>, ApiError> {
-    single(state, headers, bytes, "alias").await
+pub async fn alias(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+    bytes: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    single(state, headers, uri, bytes, "alias").await
 }
 
-pub async fn page(State(state): State<AppState>, headers: HeaderMap, bytes: Bytes) -> Result<Json<Value>, ApiError> {
-    single(state, headers, bytes, "page").await
+pub async fn page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+    bytes: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    single(state, headers, uri, bytes, "page").await
 }
 
-pub async fn screen(State(state): State<AppState>, headers: HeaderMap, bytes: Bytes) -> Result<Json<Value>, ApiError> {
-    single(state, headers, bytes, "screen").await
+pub async fn screen(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+    bytes: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    single(state, headers, uri, bytes, "screen").await
 }
 
-pub async fn group(State(state): State<AppState>, headers: HeaderMap, bytes: Bytes) -> Result<Json<Value>, ApiError> {
-    single(state, headers, bytes, "group").await
+pub async fn group(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+    bytes: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    single(state, headers, uri, bytes, "group").await
 }
 
 fn now() -> Timestamp {

@@ -1293,6 +1293,32 @@ pub async fn trait_increments_add_in_the_write(store: &dyn Store) {
     assert_eq!(refused[0].as_ref().unwrap_err().path, "trait_increments.plan");
 }
 
+pub async fn the_rejections_log_keeps_the_newest_entries_per_environment(store: &dyn Store) {
+    let production = new_environment(store, "production").await;
+    let staging = new_environment(store, "staging").await;
+    let rejection = |number: usize| crate::Rejection {
+        rejection_id: 0,
+        received_at: Timestamp::from_micros(i64::try_from(number).unwrap()),
+        dialect: "segment".into(),
+        endpoint: "/v1/batch".into(),
+        path: format!("batch[{number}]"),
+        message_id: Some(format!("m-{number}")),
+        code: "payload_too_large".into(),
+        error: "too large".into(),
+        payload: "{}".into(),
+    };
+    store.record_rejections(production, (0..3).map(rejection).collect(), 4).await.unwrap();
+    store.record_rejections(production, (3..5).map(rejection).collect(), 4).await.unwrap();
+    store.record_rejections(staging, vec![rejection(9)], 4).await.unwrap();
+    let newest = store.rejections(production, None, 10).await.unwrap();
+    let paths: Vec<&str> = newest.iter().map(|entry| entry.path.as_str()).collect();
+    assert_eq!(paths, ["batch[4]", "batch[3]", "batch[2]", "batch[1]"], "newest first, oldest beyond 4 gone");
+    assert_eq!(newest[0].message_id.as_deref(), Some("m-4"));
+    let older = store.rejections(production, Some(newest[1].rejection_id), 10).await.unwrap();
+    assert_eq!(older.iter().map(|entry| entry.path.as_str()).collect::<Vec<_>>(), ["batch[2]", "batch[1]"]);
+    assert_eq!(store.rejections(staging, None, 10).await.unwrap().len(), 1, "environments keep their own logs");
+}
+
 /// Instantiates every contract case as a test for one backend. `$make` is an async expression
 /// producing `Option<(Arc<dyn Store>, guard)>`; the guard (e.g. a temp dir) lives until the test
 /// ends, and `None` skips the case (the backend's maker says why).
@@ -1341,6 +1367,7 @@ macro_rules! store_contract_suite {
             queries_see_only_their_environment,
             queries_refuse_writes_and_escapes,
             queries_stop_at_their_time_and_row_limits,
+            the_rejections_log_keeps_the_newest_entries_per_environment,
         );
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_identifies_for_one_new_user_make_one_profile() {

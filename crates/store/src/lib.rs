@@ -22,8 +22,8 @@ use roster_core::{DeviceUpdate, FieldError, IdentifierKind, IdentifyCommand, Tim
 
 pub use model::{
     Device, EnvironmentId, EnvironmentRecord, EventPage, FlagConfigRecord, IdentifyOutcome, MemberPage, MergeOutcome,
-    NewEnvironment, Profile, ProfileFilter, ProfilePage, ProfileSelector, QueryBounds, QueryOutput, SegmentMember,
-    StoredEvent, TrackOutcome, WritePolicy,
+    NewEnvironment, Profile, ProfileFilter, ProfilePage, ProfileSelector, QueryBounds, QueryOutput, Rejection,
+    SegmentMember, StoredEvent, TrackOutcome, WritePolicy,
 };
 pub use postgres::{PostgresOptions, PostgresStore, drop_store_schema};
 pub use sqlite::SqliteStore;
@@ -181,6 +181,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes a device of a profile; whether it existed.
     async fn delete_device(&self, environment_id: EnvironmentId, profile_id: &str, token: &str) -> StoreResult<bool>;
+
+    /// Appends refused messages to the environment's rejections log (`rejection_id` and order
+    /// are the store's), keeping only its newest `keep` entries.
+    async fn record_rejections(
+        &self,
+        environment_id: EnvironmentId,
+        rejections: Vec<Rejection>,
+        keep: usize,
+    ) -> StoreResult<()>;
+
+    /// The environment's rejections, newest first, with ids below `before`, at most `limit`.
+    async fn rejections(
+        &self,
+        environment_id: EnvironmentId,
+        before: Option<i64>,
+        limit: usize,
+    ) -> StoreResult<Vec<Rejection>>;
 
     /// Deletes message ids older than `messages_before` and trait history older than
     /// `history_before`, a bounded number per call. Returns how many rows went.

@@ -224,3 +224,25 @@ pub struct MemberPage {
     /// Pass as `after` for the next page; `None` on the last.
     pub next_after: Option<String>,
 }
+
+/// A message a dialect refused, for the environment's rejections log: SDKs drop refused messages
+/// after logging them locally, so this is where a user sees what was refused and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Rejection {
+    /// Increasing per store; pages walk back from the newest.
+    pub rejection_id: i64,
+    #[serde(skip)]
+    pub received_at: Timestamp,
+    /// `native`, `segment`, `flagsmith`, `customerio`.
+    pub dialect: String,
+    /// The request path the message came to.
+    pub endpoint: String,
+    /// Where in the request body (`batch[3]`, `[0].traits.bio`).
+    pub path: String,
+    pub message_id: Option<String>,
+    /// The public error code and message.
+    pub code: String,
+    pub error: String,
+    /// The refused message, cut to a bounded size (the cut is marked).
+    pub payload: String,
+}

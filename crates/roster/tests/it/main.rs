@@ -8,6 +8,7 @@ mod auth;
 mod bad_input;
 mod browser;
 mod cli;
+mod client_side;
 mod crash;
 mod customerio;
 mod events;

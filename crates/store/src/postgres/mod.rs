@@ -27,7 +27,7 @@ use roster_core::{DeviceUpdate, ErrorCode, FieldError, IdentifierKind, IdentifyC
 
 use crate::model::{
     EnvironmentId, EnvironmentRecord, EventPage, FlagConfigRecord, MemberPage, MergeOutcome, NewEnvironment, Profile,
-    ProfileFilter, ProfilePage, ProfileSelector, QueryBounds, QueryOutput, StoredEvent, WritePolicy,
+    ProfileFilter, ProfilePage, ProfileSelector, QueryBounds, QueryOutput, Rejection, StoredEvent, WritePolicy,
 };
 use crate::resolution::{
     IdentityTx, apply_device_delete, apply_device_upsert, apply_erase, apply_identifier_change, apply_identify,
@@ -182,6 +182,19 @@ const MIGRATIONS: &[&str] = &[
         created_at BIGINT NOT NULL
     );
     ALTER TABLE environments ADD COLUMN settings TEXT NOT NULL DEFAULT '{}';
+    CREATE TABLE rejections (
+        rejection_id BIGSERIAL PRIMARY KEY,
+        environment_id BIGINT NOT NULL,
+        received_at BIGINT NOT NULL,
+        dialect TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        path TEXT NOT NULL,
+        message_id TEXT,
+        code TEXT NOT NULL,
+        error TEXT NOT NULL,
+        payload TEXT NOT NULL
+    );
+    CREATE INDEX rejections_by_environment ON rejections (environment_id, rejection_id);
 "#,
 ];
 
@@ -824,6 +837,73 @@ impl Store for PostgresStore {
     async fn delete_device(&self, environment_id: EnvironmentId, profile_id: &str, token: &str) -> StoreResult<bool> {
         let (profile_id, token) = (profile_id.to_owned(), token.to_owned());
         self.write_in(environment_id, move |tx| apply_device_delete(tx, environment_id, &profile_id, &token)).await
+    }
+
+    async fn record_rejections(
+        &self,
+        environment_id: EnvironmentId,
+        rejections: Vec<Rejection>,
+        keep: usize,
+    ) -> StoreResult<()> {
+        let keep = limit_param(keep);
+        // Not under the environment's write lock: the log is appended to, never read by writes.
+        self.write(move |tx| {
+            for rejection in &rejections {
+                tx.execute(
+                    "INSERT INTO rejections (environment_id, received_at, dialect, endpoint, path, message_id, code, error, payload) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    &[
+                        &environment_id,
+                        &rejection.received_at.as_micros(),
+                        &rejection.dialect,
+                        &rejection.endpoint,
+                        &rejection.path,
+                        &rejection.message_id,
+                        &rejection.code,
+                        &rejection.error,
+                        &rejection.payload,
+                    ],
+                )?;
+            }
+            tx.execute(
+                "DELETE FROM rejections WHERE environment_id = $1 AND rejection_id <= \
+                 (SELECT rejection_id FROM rejections WHERE environment_id = $1 ORDER BY rejection_id DESC LIMIT 1 OFFSET $2)",
+                &[&environment_id, &keep],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn rejections(
+        &self,
+        environment_id: EnvironmentId,
+        before: Option<i64>,
+        limit: usize,
+    ) -> StoreResult<Vec<Rejection>> {
+        let (before, limit) = (before.unwrap_or(i64::MAX), limit_param(limit));
+        self.read(move |tx| {
+            let rows = tx.query(
+                "SELECT rejection_id, received_at, dialect, endpoint, path, message_id, code, error, payload \
+                 FROM rejections WHERE environment_id = $1 AND rejection_id < $2 ORDER BY rejection_id DESC LIMIT $3",
+                &[&environment_id, &before, &limit],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|row| Rejection {
+                    rejection_id: row.get(0),
+                    received_at: Timestamp::from_micros(row.get(1)),
+                    dialect: row.get(2),
+                    endpoint: row.get(3),
+                    path: row.get(4),
+                    message_id: row.get(5),
+                    code: row.get(6),
+                    error: row.get(7),
+                    payload: row.get(8),
+                })
+                .collect())
+        })
+        .await
     }
 
     async fn purge_expired(&self, messages_before: Timestamp, history_before: Option<Timestamp>) -> StoreResult<usize> {

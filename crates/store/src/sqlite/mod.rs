@@ -24,7 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::model::{
     Device, EnvironmentId, EnvironmentRecord, EventPage, FlagConfigRecord, MemberPage, MergeOutcome, NewEnvironment,
-    Profile, ProfileFilter, ProfilePage, ProfileSelector, QueryBounds, QueryOutput, StoredEvent, WritePolicy,
+    Profile, ProfileFilter, ProfilePage, ProfileSelector, QueryBounds, QueryOutput, Rejection, StoredEvent,
+    WritePolicy,
 };
 use crate::resolution::{
     EventWrite, IdentityTx, ProfileWrite, SeenMessage, StoredProfile, apply_device_delete, apply_device_upsert,
@@ -193,6 +194,19 @@ const MIGRATIONS: &[&str] = &[
 "#,
     r#"
     ALTER TABLE environments ADD COLUMN settings TEXT NOT NULL DEFAULT '{}';
+    CREATE TABLE rejections (
+        rejection_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        environment_id INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        dialect TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        path TEXT NOT NULL,
+        message_id TEXT,
+        code TEXT NOT NULL,
+        error TEXT NOT NULL,
+        payload TEXT NOT NULL
+    );
+    CREATE INDEX rejections_by_environment ON rejections (environment_id, rejection_id);
 "#,
 ];
 
@@ -1325,6 +1339,73 @@ impl Store for SqliteStore {
         let (profile_id, token) = (profile_id.to_owned(), token.to_owned());
         self.write(move |connection| {
             apply_device_delete(&mut SqliteIdentityTx::new(connection), environment_id, &profile_id, &token)
+        })
+        .await
+    }
+
+    async fn record_rejections(
+        &self,
+        environment_id: EnvironmentId,
+        rejections: Vec<Rejection>,
+        keep: usize,
+    ) -> StoreResult<()> {
+        self.write(move |connection| {
+            let mut insert = connection.prepare_cached(
+                "INSERT INTO rejections (environment_id, received_at, dialect, endpoint, path, message_id, code, error, payload) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?;
+            for rejection in &rejections {
+                insert.execute(params![
+                    environment_id,
+                    rejection.received_at.as_micros(),
+                    rejection.dialect,
+                    rejection.endpoint,
+                    rejection.path,
+                    rejection.message_id,
+                    rejection.code,
+                    rejection.error,
+                    rejection.payload,
+                ])?;
+            }
+            connection
+                .prepare_cached(
+                    "DELETE FROM rejections WHERE environment_id = ?1 AND rejection_id <= \
+                     (SELECT rejection_id FROM rejections WHERE environment_id = ?1 ORDER BY rejection_id DESC LIMIT 1 OFFSET ?2)",
+                )?
+                .execute(params![environment_id, i64::try_from(keep).unwrap_or(i64::MAX)])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn rejections(
+        &self,
+        environment_id: EnvironmentId,
+        before: Option<i64>,
+        limit: usize,
+    ) -> StoreResult<Vec<Rejection>> {
+        self.read(move |connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT rejection_id, received_at, dialect, endpoint, path, message_id, code, error, payload \
+                 FROM rejections WHERE environment_id = ?1 AND rejection_id < ?2 ORDER BY rejection_id DESC LIMIT ?3",
+            )?;
+            let rows = statement.query_map(
+                params![environment_id, before.unwrap_or(i64::MAX), i64::try_from(limit).unwrap_or(i64::MAX)],
+                |row| {
+                    Ok(Rejection {
+                        rejection_id: row.get(0)?,
+                        received_at: Timestamp::from_micros(row.get(1)?),
+                        dialect: row.get(2)?,
+                        endpoint: row.get(3)?,
+                        path: row.get(4)?,
+                        message_id: row.get(5)?,
+                        code: row.get(6)?,
+                        error: row.get(7)?,
+                        payload: row.get(8)?,
+                    })
+                },
+            )?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
     }
