@@ -83,13 +83,17 @@ async function main() {
       '--disable-component-update', '--disable-sync', '--no-first-run'],
   });
   // http_errors: every answer >= 400 a page got, to say what a vendor sent that Roster refused.
-  const out = { console_errors: {}, page_errors: [], http_errors: [] };
+  const out = { console_errors: {}, console_warnings: {}, page_errors: [], http_errors: [] };
   // Each scenario gets a fresh context (fresh storage: a new browser profile).
   async function scenario(name, body) {
     const context = await browser.newContext();
     const errors = (out.console_errors[name] = []);
+    const warnings = (out.console_warnings[name] = []);
     context.on('page', (p) => {
-      p.on('console', (message) => { if (message.type() === 'error') errors.push(message.text()); });
+      p.on('console', (message) => {
+        if (message.type() === 'error') errors.push(message.text());
+        if (message.type() === 'warning') warnings.push(message.text());
+      });
       p.on('pageerror', (error) => out.page_errors.push(`${name}: ${error.message}`));
       p.on('response', (response) => {
         if (response.status() >= 400) {
@@ -216,6 +220,18 @@ async function rosterScenarios(scenario, open, ids) {
       [undefined, null, '', '   ', 'undefined', 'null', '0'].forEach((id) => roster.identify(id));
       roster.track('After Junk');
       return { distinct_id: roster.getDistinctId(), delivered: await roster.flush() };
+    });
+  });
+
+  // A message Roster refuses (an event name past the key limit) is dropped, not retried; its
+  // batch neighbour was applied.
+  await scenario('refused', async (context) => {
+    const p = await open(context, '/roster.html');
+    return p.evaluate(async () => {
+      roster.track('x'.repeat(300));
+      roster.track('After Refused');
+      const delivered = await roster.flush();
+      return { delivered, queued: JSON.parse(localStorage.getItem('roster.queue')).length };
     });
   });
 

@@ -51,7 +51,8 @@ async fn run_pages(server: &TestServer, suite: &str) -> Value {
         .args(["run.js", suite, &server.base_url, &server.keys.client_key])
         .kill_on_drop(true)
         .output();
-    let output = tokio::time::timeout(Duration::from_secs(90), child).await.expect("browser run timed out").expect("run node");
+    let output =
+        tokio::time::timeout(Duration::from_secs(90), child).await.expect("browser run timed out").expect("run node");
     assert!(output.status.success(), "node failed: {}", String::from_utf8_lossy(&output.stderr));
     let seen: Value = serde_json::from_slice(&output.stdout).expect("JSON from node");
     assert_eq!(seen["page_errors"], json!([]), "pages threw: {seen}");
@@ -60,7 +61,9 @@ async fn run_pages(server: &TestServer, suite: &str) -> Value {
 
 /// The events of a user (pre-login events included once linked), oldest first.
 async fn events_of(server: &TestServer, user_id: &str) -> Vec<String> {
-    let rows = server.sql(&format!("SELECT event FROM events WHERE distinct_id = '{user_id}' ORDER BY timestamp, received_at")).await;
+    let rows = server
+        .sql(&format!("SELECT event FROM events WHERE distinct_id = '{user_id}' ORDER BY timestamp, received_at"))
+        .await;
     rows["rows"].as_array().unwrap().iter().map(|row| row[0].as_str().unwrap().to_owned()).collect()
 }
 
@@ -102,7 +105,10 @@ async fn roster_browser_sdk_links_persists_retries_beacons_and_serves_flags() {
     let link = scenario(&seen, "link");
     assert_eq!(link["delivered"], true);
     assert_eq!(link["distinct_id"], "browser-ada");
-    assert_eq!(link["before"], json!({ "flags": { "enabled": false, "value": "v1" }, "enabled": false, "value": "v1" }));
+    assert_eq!(
+        link["before"],
+        json!({ "flags": { "enabled": false, "value": "v1" }, "enabled": false, "value": "v1" })
+    );
     assert_eq!(link["after"], json!({ "flags": { "enabled": true, "value": "v2" }, "enabled": true, "value": "v2" }));
     assert!(link["flag_loads"].as_i64().unwrap() >= 2, "onFlags heard the load after identify: {link}");
     assert_eq!(events_of(&server, "browser-ada").await, ["$pageview", "Viewed Pricing", "Checkout"]);
@@ -155,6 +161,15 @@ async fn roster_browser_sdk_links_persists_retries_beacons_and_serves_flags() {
     assert_eq!(junk_profiles["rows"], json!([[0]]));
     assert_eq!(server.sql("SELECT count(*) FROM events WHERE event = 'After Junk'").await["rows"], json!([[1]]));
 
+    // A refused batch is dropped with a warning (its valid message was applied), not retried.
+    assert_eq!(scenario(&seen, "refused"), &json!({ "delivered": true, "queued": 0 }));
+    let warnings = seen["console_warnings"]["refused"].as_array().unwrap();
+    assert!(
+        warnings.len() == 1 && warnings[0].as_str().unwrap().contains("refused by the server (HTTP 400)"),
+        "{warnings:?}"
+    );
+    assert_eq!(server.sql("SELECT count(*) FROM events WHERE event = 'After Refused'").await["rows"], json!([[1]]));
+
     // The ES module build works the same.
     let module = scenario(&seen, "module");
     assert_eq!(module, &json!({ "exports": { "createRoster": "function" }, "delivered": true }));
@@ -163,6 +178,7 @@ async fn roster_browser_sdk_links_persists_retries_beacons_and_serves_flags() {
     // No console errors but the refused ids' and the browser's own notes on offline requests.
     let mut console_errors = seen["console_errors"].clone();
     console_errors.as_object_mut().unwrap().remove("junk");
+    console_errors.as_object_mut().unwrap().remove("refused"); // the browser notes the 400
     let offline_errors = console_errors.as_object_mut().unwrap().remove("offline").unwrap();
     let disconnected = |error: &Value| error.as_str().unwrap().contains("ERR_INTERNET_DISCONNECTED");
     assert!(offline_errors.as_array().unwrap().iter().all(disconnected), "{offline_errors}");
@@ -189,7 +205,8 @@ async fn vendor_browser_sdks_work_against_roster_with_only_the_host_changed() {
 
     // Customer.io's browser SDK: identify, events, and a device registered by its semantic event.
     let customerio = scenario(&seen, "customerio");
-    let events = "SELECT count(*) FROM events WHERE distinct_id = 'browser-cio' AND event IN ('Viewed Pricing', 'Checkout')";
+    let events =
+        "SELECT count(*) FROM events WHERE distinct_id = 'browser-cio' AND event IN ('Viewed Pricing', 'Checkout')";
     assert_eq!(count_reaching(&server, events, 2).await, 2);
     let user = server.profile_of_user("browser-cio").await;
     assert_eq!(user["traits"]["email"], "cio@example.com");
@@ -204,4 +221,28 @@ async fn vendor_browser_sdks_work_against_roster_with_only_the_host_changed() {
     assert_eq!(flagsmith["identified"], json!({ "enabled": true, "value": "v2" }));
     assert_eq!(flagsmith["downgraded"], json!({ "enabled": false, "value": "v1" }));
     assert_eq!(server.profile_of_user("browser-flagsmith").await["traits"]["plan"], "free");
+}
+
+/// The SDK is served as JavaScript, cached, revalidated by ETag, and loadable from any origin.
+#[tokio::test]
+async fn the_sdk_is_served_as_a_script_and_a_module() {
+    let server = TestServer::start().await;
+    for (path, marker) in [("/sdk/roster.js", "window.roster = roster"), ("/sdk/roster.mjs", "export default roster")] {
+        let response = server.http.get(server.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let header = |name: &str| response.headers()[name].to_str().unwrap().to_owned();
+        assert_eq!(header("content-type"), "text/javascript; charset=utf-8");
+        assert_eq!(header("cache-control"), "public, max-age=3600");
+        assert_eq!(header("access-control-allow-origin"), "*");
+        let etag = header("etag");
+        let source = response.text().await.unwrap();
+        assert!(source.contains("function createRoster(") && source.contains(marker), "{path}");
+        let again = server.http.get(server.url(path)).header("If-None-Match", &etag).send().await.unwrap();
+        assert_eq!(again.status(), StatusCode::NOT_MODIFIED, "{path}");
+    }
+    let (script, module) = (
+        server.http.get(server.url("/sdk/roster.js")).send().await.unwrap(),
+        server.http.get(server.url("/sdk/roster.mjs")).send().await.unwrap(),
+    );
+    assert_ne!(script.headers()["etag"], module.headers()["etag"]);
 }
