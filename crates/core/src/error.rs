@@ -33,6 +33,7 @@ pub enum ErrorCode {
     MissingEventName,
     EnvironmentMismatch,
     PayloadTooLarge,
+    TooManyItems,
     UnsupportedMediaType,
     MissingApiKey,
     InvalidApiKey,
@@ -47,6 +48,8 @@ pub enum ErrorCode {
     QueryTimeout,
     QueryUnavailable,
     TooManyQueries,
+    RequestTimeout,
+    Overloaded,
     Internal,
 }
 
@@ -79,6 +82,7 @@ impl ErrorCode {
             ErrorCode::MissingEventName => "missing_event_name",
             ErrorCode::EnvironmentMismatch => "environment_mismatch",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::TooManyItems => "too_many_items",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::MissingApiKey => "missing_api_key",
             ErrorCode::InvalidApiKey => "invalid_api_key",
@@ -93,6 +97,8 @@ impl ErrorCode {
             ErrorCode::QueryTimeout => "query_timeout",
             ErrorCode::QueryUnavailable => "query_unavailable",
             ErrorCode::TooManyQueries => "too_many_queries",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::Overloaded => "overloaded",
             ErrorCode::Internal => "internal",
         }
     }

@@ -112,6 +112,25 @@ struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "ROSTER_MAX_BODY_BYTES", default_value_t = ServerConfig::default().max_body_bytes)]
     max_body_bytes: usize,
+    /// Most items in one batch request (native arrays, Segment, Customer.io, Flagsmith bulk).
+    #[arg(long, env = "ROSTER_MAX_BATCH_ITEMS", default_value_t = ServerConfig::default().max_batch_items)]
+    max_batch_items: usize,
+    /// Most requests served at once; past it, 503 with Retry-After.
+    #[arg(long, env = "ROSTER_MAX_REQUESTS_IN_FLIGHT", default_value_t = ServerConfig::default().max_requests_in_flight)]
+    max_requests_in_flight: usize,
+    /// Most request-body bytes held in memory at once; past it, 503 with Retry-After.
+    #[arg(long, env = "ROSTER_MAX_BODY_BYTES_IN_FLIGHT", default_value_t = ServerConfig::default().max_body_bytes_in_flight)]
+    max_body_bytes_in_flight: usize,
+    /// Longest a client may take to send a request body, in milliseconds.
+    #[arg(long, env = "ROSTER_BODY_READ_TIMEOUT_MS", default_value_t = millis(ServerConfig::default().body_read_timeout))]
+    body_read_timeout_ms: u64,
+    /// Longest a client may take to send request headers, and longest an idle connection stays
+    /// open, in milliseconds.
+    #[arg(long, env = "ROSTER_HEADER_READ_TIMEOUT_MS", default_value_t = millis(ServerConfig::default().header_read_timeout))]
+    header_read_timeout_ms: u64,
+    /// Most open client connections (lowered to fit the process's open-file limit).
+    #[arg(long, env = "ROSTER_MAX_CONNECTIONS", default_value_t = ServerConfig::default().max_connections)]
+    max_connections: usize,
     #[command(flatten)]
     limits: LimitArgs,
     /// A resent message id within this many hours is applied once.
@@ -139,7 +158,23 @@ struct ServeArgs {
     query_concurrency_per_environment: usize,
 }
 
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl ServeArgs {
+    fn server_config(&self) -> ServerConfig {
+        ServerConfig {
+            max_body_bytes: self.max_body_bytes,
+            max_batch_items: self.max_batch_items,
+            max_requests_in_flight: self.max_requests_in_flight,
+            max_body_bytes_in_flight: self.max_body_bytes_in_flight,
+            body_read_timeout: Duration::from_millis(self.body_read_timeout_ms),
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            max_connections: self.max_connections,
+        }
+    }
+
     fn engine_config(&self) -> EngineConfig {
         EngineConfig {
             limits: self.limits.limits(),
@@ -277,6 +312,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         print_credentials(&credentials);
     }
     let _maintenance = engine.spawn_maintenance(MAINTENANCE_INTERVAL);
+    let _memory_trimmer = tokio::spawn(return_freed_memory());
     // Nodes sharing a database see keys and flags changed through the others within this bound.
     let _shared_state_refresh =
         args.store.store.is_some().then(|| engine.spawn_shared_state_refresh(SHARED_STATE_REFRESH_INTERVAL));
@@ -285,11 +321,83 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     println!("roster listening on http://{address}");
     std::io::stdout().flush()?;
-    let config = ServerConfig { max_body_bytes: args.max_body_bytes };
+    let mut config = args.server_config();
+    let open_file_limit = raise_open_file_limit();
+    if let Some(limit) = open_file_limit {
+        let fitting = usize::try_from(limit.saturating_sub(RESERVED_FILE_DESCRIPTORS)).unwrap_or(usize::MAX).max(1);
+        if config.max_connections > fitting {
+            tracing::warn!(
+                max_connections = config.max_connections,
+                open_file_limit = limit,
+                lowered_to = fitting,
+                "max connections lowered to fit the open-file limit"
+            );
+            config.max_connections = fitting;
+        }
+    }
     roster_server::serve(listener, engine, config, shutdown_signal()).await.context("server failed")?;
     tracing::info!("roster stopped");
     Ok(())
 }
+
+/// File descriptors kept for everything but client connections: the store's files, PostgreSQL
+/// connections, the listener.
+const RESERVED_FILE_DESCRIPTORS: u64 = 256;
+
+/// Raises the soft open-file limit to the hard one, since every connection holds a descriptor and
+/// the usual soft default (1024) is far below what the server may keep open. Answers the soft
+/// limit now in force (`None` if it cannot be read).
+fn raise_open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes the struct it is given, which lives on this frame.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    if limit.rlim_cur >= limit.rlim_max {
+        return Some(limit.rlim_cur);
+    }
+    let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+    // SAFETY: setrlimit only reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        tracing::warn!(soft = limit.rlim_cur, hard = limit.rlim_max, "the open-file limit could not be raised");
+        return Some(limit.rlim_cur);
+    }
+    tracing::debug!(from = limit.rlim_cur, to = limit.rlim_max, "open-file limit raised");
+    Some(limit.rlim_max)
+}
+
+/// How often the allocator is asked how much freed memory it holds.
+const MEMORY_TRIM_INTERVAL: Duration = Duration::from_secs(1);
+/// Freed memory the allocator may keep for reuse before it is handed back to the system.
+const MEMORY_TRIM_THRESHOLD_BYTES: usize = 32 * 1024 * 1024;
+
+/// Hands memory freed after a burst of requests back to the system. glibc's malloc keeps freed
+/// memory in its per-thread arenas (resident memory stays at the burst's peak); `malloc_trim`
+/// releases the free pages of every arena. It is called only when much is free, so quiet and
+/// steady servers never pay for it.
+async fn return_freed_memory() {
+    let mut interval = tokio::time::interval(MEMORY_TRIM_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let _ = tokio::task::spawn_blocking(trim_if_much_is_free).await;
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_if_much_is_free() {
+    // SAFETY: mallinfo2 and malloc_trim take no pointers and only lock the allocator's arenas.
+    let free_bytes = unsafe { libc::mallinfo2() }.fordblks;
+    if free_bytes < MEMORY_TRIM_THRESHOLD_BYTES {
+        return;
+    }
+    // SAFETY: as above.
+    unsafe { libc::malloc_trim(0) };
+    tracing::debug!(free_bytes, "freed memory returned to the system");
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_if_much_is_free() {}
 
 /// How often expired message ids and trait history are purged.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(600);

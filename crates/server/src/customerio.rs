@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 
 use crate::AppState;
 use crate::auth::basic_credentials;
-use crate::body::{Body, parse_document};
+use crate::body::{Body, ItemsAt, check_item_count, parse_document};
 use crate::error::ApiError;
 
 fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
@@ -363,6 +363,7 @@ pub async fn batch(
     Body(bytes): Body,
 ) -> Result<Json<Value>, ApiError> {
     let principal = authenticate(&state, &headers)?;
+    check_item_count(&bytes, ItemsAt::Field("batch"), state.config.max_batch_items)?;
     let body: BatchBody = parse_document(&bytes)?;
     for (index, operation) in body.batch.into_iter().enumerate() {
         let path = format!("batch[{index}]");

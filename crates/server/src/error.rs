@@ -20,14 +20,20 @@ pub struct PublicError {
     pub path: Option<String>,
 }
 
+/// Longest `message` answered, in bytes: messages quote what the client sent (an unknown key, a
+/// string of the wrong type), and an answer must stay small whatever the input.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 512;
+/// Longest `path` answered, in bytes (paths quote trait keys).
+pub const MAX_ERROR_PATH_BYTES: usize = 512;
+
 impl PublicError {
     pub fn new(code: ErrorCode, message: impl Into<String>, path: Option<String>) -> Self {
         PublicError {
-            message: message.into(),
+            message: truncated(message.into(), MAX_ERROR_MESSAGE_BYTES),
             code: code.as_str(),
             error_type: error_type(code),
             link: format!("docs/errors.md#{}", code.as_str()),
-            path: path.filter(|path| !path.is_empty()),
+            path: path.filter(|path| !path.is_empty()).map(|path| truncated(path, MAX_ERROR_PATH_BYTES)),
         }
     }
 
@@ -38,19 +44,37 @@ impl PublicError {
     }
 }
 
+/// `text` cut to at most `max_bytes` (on a character boundary), marked with `…` when cut.
+pub fn truncated(mut text: String, max_bytes: usize) -> String {
+    if text.len() <= max_bytes {
+        return text;
+    }
+    const ELLIPSIS: &str = "…";
+    let mut end = max_bytes.saturating_sub(ELLIPSIS.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(ELLIPSIS);
+    text
+}
+
 fn error_type(code: ErrorCode) -> &'static str {
     match code {
         ErrorCode::MissingApiKey | ErrorCode::InvalidApiKey | ErrorCode::Forbidden | ErrorCode::OriginNotAllowed => {
             "auth"
         }
-        ErrorCode::Internal | ErrorCode::QueryUnavailable => "internal",
+        ErrorCode::Overloaded | ErrorCode::QueryUnavailable => "unavailable",
+        ErrorCode::Internal => "internal",
         _ => "invalid_request",
     }
 }
 
 pub fn status_of(code: ErrorCode) -> StatusCode {
     match code {
-        ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::PayloadTooLarge | ErrorCode::TooManyItems => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+        ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ErrorCode::MissingApiKey | ErrorCode::InvalidApiKey => StatusCode::UNAUTHORIZED,
         ErrorCode::Forbidden | ErrorCode::OriginNotAllowed => StatusCode::FORBIDDEN,

@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 
 use crate::AppState;
 use crate::auth::{Caller, query_parameter};
-use crate::body::{Body, parse_array, parse_document};
+use crate::body::{Body, ItemsAt, check_item_count, parse_array, parse_document};
 use crate::error::ApiError;
 
 /// One trait as Flagsmith sends it.
@@ -201,7 +201,7 @@ pub async fn bulk_traits(
     Body(bytes): Body,
 ) -> Result<Json<Value>, ApiError> {
     let document: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    let requests: Vec<TraitRequest> = parse_array(&bytes)?;
+    let requests: Vec<TraitRequest> = parse_array(&bytes, state.config.max_batch_items)?;
     let inputs = requests.into_iter().map(|request| Ok(trait_input(request))).collect();
     for (index, result) in state.engine.identify(&principal, inputs).await?.into_iter().enumerate() {
         result.map_err(|error| error.prefixed(&format!("[{index}]")))?;
@@ -246,6 +246,7 @@ pub async fn bulk_identities(
     Caller(principal): Caller,
     Body(bytes): Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    check_item_count(&bytes, ItemsAt::Field("data"), state.config.max_batch_items)?;
     let request: BulkIdentitiesRequest = parse_document(&bytes)?;
     let mut inputs = Vec::with_capacity(request.data.len());
     for (index, identity) in request.data.into_iter().enumerate() {

@@ -2,6 +2,7 @@
 //! Handlers are thin: they translate HTTP into engine calls and engine results into HTTP.
 
 mod admin;
+mod admission;
 mod auth;
 mod body;
 mod cors;
@@ -22,14 +23,19 @@ pub use query::to_csv as csv;
 use std::any::Any;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use roster_core::ErrorCode;
 use roster_engine::Engine;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
@@ -40,11 +46,34 @@ use crate::error::ApiError;
 pub struct ServerConfig {
     /// Largest request body accepted, in bytes; larger bodies get 413 before being parsed.
     pub max_body_bytes: usize,
+    /// Most items (messages, operations, identities) in one batch request, in every dialect;
+    /// more get one `too_many_items` answer before any item is parsed.
+    pub max_batch_items: usize,
+    /// Most requests served at once; past it, `503 overloaded` with `Retry-After`.
+    pub max_requests_in_flight: usize,
+    /// Most request-body bytes held in memory at once (never less than `max_body_bytes`); past
+    /// it, `503 overloaded` with `Retry-After`.
+    pub max_body_bytes_in_flight: usize,
+    /// Longest a client may take to send a whole request body.
+    pub body_read_timeout: Duration,
+    /// Longest a client may take to send a request's headers, and longest an idle keep-alive
+    /// connection stays open.
+    pub header_read_timeout: Duration,
+    /// Most open connections; further ones wait in the listen backlog until one closes.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { max_body_bytes: 5 * 1024 * 1024 }
+        ServerConfig {
+            max_body_bytes: 5 * 1024 * 1024,
+            max_batch_items: 1000,
+            max_requests_in_flight: 512,
+            max_body_bytes_in_flight: 64 * 1024 * 1024,
+            body_read_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+        }
     }
 }
 
@@ -58,6 +87,7 @@ pub struct AppState {
 /// All routes, with the layers every request goes through.
 pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
     let max_body_bytes = config.max_body_bytes;
+    let admission = Arc::new(admission::Admission::new(&config));
     let state = AppState { engine, config: Arc::new(config) };
     Router::new()
         .merge(client_routes(state.clone()))
@@ -66,6 +96,9 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::new(ErrorCode::MethodNotAllowed, "this endpoint does not accept that HTTP method")
         })
+        .layer(axum::middleware::from_fn_with_state(admission, admission::admit))
+        // Added after the admission layer, so a health check is answered however busy the server is.
+        .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TraceLayer::new_for_http())
@@ -112,7 +145,6 @@ fn client_routes(state: AppState) -> Router<AppState> {
 /// Endpoints for server keys and the admin token: same-origin only (no CORS).
 fn server_routes() -> Router<AppState> {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
         .route("/openapi.json", get(openapi))
         .route("/sdk/roster.js", get(sdk::script))
         .route("/sdk/roster.mjs", get(sdk::module))
@@ -178,7 +210,17 @@ fn panic_response(_panic: Box<dyn Any + Send + 'static>) -> Response {
     ApiError::new(ErrorCode::Internal, "internal error; the request was not acknowledged").into_response()
 }
 
-/// Serves on `listener` until `shutdown` resolves.
+/// How long the accept loop waits after a failed accept (out of file descriptors, most likely)
+/// before trying again, instead of spinning; connections that end meanwhile free descriptors.
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+/// Serves on `listener` until `shutdown` resolves, then stops accepting, lets the requests being
+/// served finish (closing idle connections at once) and returns.
+///
+/// Each connection must send a request's headers within `header_read_timeout` of being opened or
+/// of its previous answer, so idle keep-alive connections and clients that dribble headers are
+/// closed; at most `max_connections` are open at once (further ones wait in the listen backlog,
+/// where they hold no file descriptor).
 pub async fn serve(
     listener: TcpListener,
     engine: Arc<Engine>,
@@ -187,5 +229,41 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let address: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(address = ?address, "roster listening");
-    axum::serve(listener, router(engine, config)).with_graceful_shutdown(shutdown).await
+    let connection_slots = Arc::new(Semaphore::new(config.max_connections.clamp(1, Semaphore::MAX_PERMITS)));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(config.header_read_timeout);
+    let app = router(engine, config);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = connection_slots.clone().acquire_owned() => slot.expect("the connection semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    tracing::warn!(error = %error, "accepting a connection failed");
+                    tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Answers are small and written whole: no reason to wait for more to send.
+        let _ = stream.set_nodelay(true);
+        let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    tracing::info!("roster stopping: finishing the requests in flight");
+    graceful.shutdown().await;
+    Ok(())
 }

@@ -2,6 +2,8 @@
 //! `POST /track` with one object or an array. A thin adapter: parse, hand to the engine, render
 //! the results.
 
+use std::collections::BTreeMap;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -162,14 +164,29 @@ fn one_of<T: PartialEq>(
     }
 }
 
+/// Rejected items listed one by one in a batch answer; past these they are only counted, so the
+/// answer to a batch of bad items stays small (the first ones are what a client needs to fix).
+pub const MAX_LISTED_REJECTIONS: usize = 50;
+
 #[derive(Debug, Serialize)]
 pub struct BatchResponse {
     pub accepted: usize,
     pub rejected: usize,
+    /// Every accepted item, and the first `MAX_LISTED_REJECTIONS` rejected ones.
     pub results: Vec<ItemResponse>,
+    /// Rejected items past the listed ones (absent when all are listed).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unlisted_rejections: usize,
+    /// With unlisted rejections: every rejection counted by error code.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub rejections_by_code: BTreeMap<&'static str, usize>,
     /// On any rejection, the first one, so every 4xx has the same top-level error fields.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub error: Option<PublicError>,
+}
+
+fn is_zero(count: &usize) -> bool {
+    *count == 0
 }
 
 #[derive(Debug, Serialize)]
@@ -209,7 +226,7 @@ pub async fn identify(
     Caller(principal): Caller,
     Body(bytes): Body,
 ) -> Result<Response, ApiError> {
-    let items = split_items(&bytes)?;
+    let items = split_items(&bytes, state.config.max_batch_items)?;
     let parsed: Vec<Result<NativeIdentify, FieldError>> = items.raw.iter().map(|raw| parse_item(raw)).collect();
     // Errors about the traits name the spelling the client sent.
     let sent_user_traits: Vec<bool> = parsed
@@ -239,7 +256,7 @@ pub async fn alias(
     Caller(principal): Caller,
     Body(bytes): Body,
 ) -> Result<Response, ApiError> {
-    let items = split_items(&bytes)?;
+    let items = split_items(&bytes, state.config.max_batch_items)?;
     let inputs = items.raw.iter().map(|raw| parse_item::<NativeAlias>(raw).and_then(NativeAlias::into_input)).collect();
     let results = state.engine.alias(&principal, inputs).await?;
     log_item_rejections(&state, &principal, DIALECT, "/alias", &results, &items.raw, |index| items.item_path(index))
@@ -254,7 +271,7 @@ pub async fn track(
     Caller(principal): Caller,
     Body(bytes): Body,
 ) -> Result<Response, ApiError> {
-    let items = split_items(&bytes)?;
+    let items = split_items(&bytes, state.config.max_batch_items)?;
     let inputs = items.raw.iter().map(|raw| parse_item::<NativeTrack>(raw).and_then(NativeTrack::into_input)).collect();
     let results = state.engine.track(&principal, inputs).await?;
     log_item_rejections(&state, &principal, DIALECT, "/track", &results, &items.raw, |index| items.item_path(index))
@@ -341,8 +358,15 @@ pub fn batch_response<T>(
     item_path: impl Fn(usize) -> String,
     render: impl Fn(usize, &T) -> ItemResponse,
 ) -> Response {
-    let mut response =
-        BatchResponse { accepted: 0, rejected: 0, results: Vec::with_capacity(results.len()), error: None };
+    let mut response = BatchResponse {
+        accepted: 0,
+        rejected: 0,
+        results: Vec::with_capacity(results.len().min(MAX_LISTED_REJECTIONS)),
+        unlisted_rejections: 0,
+        rejections_by_code: BTreeMap::new(),
+        error: None,
+    };
+    let mut rejections_by_code: BTreeMap<&'static str, usize> = BTreeMap::new();
     for (index, result) in results.iter().enumerate() {
         let item = match result {
             Ok(outcome) => {
@@ -351,12 +375,20 @@ pub fn batch_response<T>(
             }
             Err(rejection) => {
                 response.rejected += 1;
+                *rejections_by_code.entry(rejection.code.as_str()).or_default() += 1;
+                if response.rejected > MAX_LISTED_REJECTIONS {
+                    response.unlisted_rejections += 1;
+                    continue;
+                }
                 let public = PublicError::from_field(&rejection.clone().prefixed(&item_path(index)));
                 response.error.get_or_insert_with(|| public.clone());
                 ItemResponse { status: "rejected", error: Some(public), ..ItemResponse::accepted(index) }
             }
         };
         response.results.push(item);
+    }
+    if response.unlisted_rejections > 0 {
+        response.rejections_by_code = rejections_by_code;
     }
     let status = if response.rejected == 0 { StatusCode::OK } else { StatusCode::BAD_REQUEST };
     (status, Json(response)).into_response()

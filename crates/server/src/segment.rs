@@ -21,6 +21,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::AppState;
+use crate::body::{ItemsAt, check_item_count};
 use crate::error::{ApiError, PublicError};
 
 /// The dialect's name in the rejections log.
@@ -525,6 +526,11 @@ pub async fn batch(
             body.len()
         )));
     }
+    check_item_count(&body, ItemsAt::Field("batch"), state.config.max_batch_items).map_err(|mut error| {
+        // As for its size limits, Segment answers 400, which its libraries treat as final.
+        error.status = StatusCode::BAD_REQUEST;
+        error
+    })?;
     let batch: Batch = serde_json::from_slice(&body).map_err(|error| {
         ApiError::new(ErrorCode::MalformedJson, format!("the body is not a Segment batch: {error}"))
     })?;

@@ -88,7 +88,9 @@ async fn a_batch_applies_valid_items_and_reports_each_invalid_one() {
 
 #[tokio::test]
 async fn oversized_bodies_are_413_and_nothing_accepted_is_lost() {
-    let server = TestServer::start_with(Limits::default(), ServerConfig { max_body_bytes: 1024 }).await;
+    let server =
+        TestServer::start_with(Limits::default(), ServerConfig { max_body_bytes: 1024, ..ServerConfig::default() })
+            .await;
     server.identify(json!({ "distinct_id": "before", "traits": { "kept": true } })).await;
     let big = json!({ "distinct_id": "u", "traits": { "a": "x".repeat(1500) } });
     let (status, response) = server.post("/identify", &server.keys.client_key, &big).await;

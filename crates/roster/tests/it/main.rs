@@ -18,6 +18,7 @@ mod flagsmith;
 mod fuzz;
 mod graph;
 mod identify;
+mod limits;
 mod multinode;
 mod node_sdks;
 mod openapi;
