@@ -38,6 +38,11 @@ window.roster = roster;
 window.rosterModule = { createRoster: typeof createRoster };
 roster.init(${JSON.stringify(clientKey)}, { environment: 'development', flushInterval: 50 });
 </script>`),
+  // Calls queued before the script loads (the stub array) and before init.
+  '/early.html': () => page(`<script>window.roster = [['track', 'Queued Before Load']];</script>
+<script src="${rosterUrl}/sdk/roster.js"></script>
+<script>roster.identify('browser-early', { plan: 'free' });
+roster.init(${JSON.stringify(clientKey)}, { environment: 'development', flushInterval: 50 });</script>`),
   '/segment.html': () => page('<script src="/vendor/segment/index.js"></script>'),
   '/cdp.html': () => page('<script src="/vendor/cdp/index.js"></script>'),
   '/flagsmith.html': () => page('<script src="/vendor/flagsmith.js"></script>'),
@@ -233,6 +238,11 @@ async function rosterScenarios(scenario, open, ids) {
       const delivered = await roster.flush();
       return { delivered, queued: JSON.parse(localStorage.getItem('roster.queue')).length };
     });
+  });
+
+  await scenario('early', async (context) => {
+    const p = await open(context, '/early.html');
+    return p.evaluate(async () => ({ distinct_id: roster.getDistinctId(), delivered: await roster.flush() }));
   });
 
   // The ES module build.

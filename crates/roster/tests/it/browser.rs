@@ -170,6 +170,10 @@ async fn roster_browser_sdk_links_persists_retries_beacons_and_serves_flags() {
     );
     assert_eq!(server.sql("SELECT count(*) FROM events WHERE event = 'After Refused'").await["rows"], json!([[1]]));
 
+    // Calls made before the script loaded and before init ran, in order, once init was called.
+    assert_eq!(scenario(&seen, "early"), &json!({ "distinct_id": "browser-early", "delivered": true }));
+    assert_eq!(events_of(&server, "browser-early").await, ["Queued Before Load"]);
+
     // The ES module build works the same.
     let module = scenario(&seen, "module");
     assert_eq!(module, &json!({ "exports": { "createRoster": "function" }, "delivered": true }));
