@@ -15,6 +15,7 @@ mod native;
 mod profiles;
 mod query;
 mod rejections;
+mod sdk;
 mod segment;
 
 pub use query::to_csv as csv;
@@ -145,6 +146,8 @@ fn client_routes(state: AppState) -> Router<AppState> {
 fn server_routes() -> Router<AppState> {
     Router::new()
         .route("/openapi.json", get(openapi))
+        .route("/sdk/roster.js", get(sdk::script))
+        .route("/sdk/roster.mjs", get(sdk::module))
         .route("/v1/query", post(query::query))
         .route("/v1/rejections", get(rejections::list_rejections))
         .route("/v1/profiles", get(profiles::list_profiles))

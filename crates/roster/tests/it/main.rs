@@ -6,6 +6,7 @@ mod admin;
 mod altertable;
 mod auth;
 mod bad_input;
+mod browser;
 mod cli;
 mod client_side;
 mod crash;
