@@ -318,8 +318,13 @@ async fn local_evaluation_from_the_environment_document_matches_remote_evaluatio
         }
         identities.push(json!({ "identifier": identifier, "traits": traits }));
     }
+    // With the server key, which hears every segment the identity is in (a client key hears
+    // only the segments that decided a flag).
     for identity in &identities {
-        remote.push(server.flags_for(json!({ "distinct_id": identity["identifier"] })).await);
+        let (status, answer) =
+            server.post("/v1/flags", &server.keys.server_key, &json!({ "distinct_id": identity["identifier"] })).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        remote.push(answer);
     }
     let (_, document) = server.get("/v1/environment-document", &server.keys.server_key).await;
 
