@@ -237,6 +237,20 @@ impl Engine {
         &self.config.limits
     }
 
+    /// Issues a new admin token, replacing the old one (which stops working at once): recovery
+    /// for whoever runs Roster on the host and lost the token printed at first start. Answers the
+    /// new token, shown only here.
+    pub async fn reset_admin_token(&self) -> EngineResult<String> {
+        let _serialised = self.key_changes.lock().await;
+        let admin_token = keys::generate_admin_token();
+        if !self.store.replace_admin_token_hash(keys::hash_secret(&admin_token)).await? {
+            return Err(EngineError::NotFound("the store has no admin token yet; start or `init` it first".into()));
+        }
+        self.reload_keys().await?;
+        tracing::info!("admin token reset");
+        Ok(admin_token)
+    }
+
     /// On an empty store, creates the `development` environment and an admin token and returns
     /// them (the only time the secrets exist in clear). `None` when already bootstrapped.
     pub async fn bootstrap_if_empty(&self) -> EngineResult<Option<BootstrapCredentials>> {

@@ -1,6 +1,7 @@
 //! The `roster` binary: configuration and startup, nothing else.
 
 mod environments;
+mod host;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -37,6 +38,16 @@ enum Command {
     /// Manage environments' settings.
     #[command(subcommand)]
     Environments(EnvironmentsCommand),
+    /// Recover the admin token on the host: `roster admin-token reset`.
+    #[command(subcommand)]
+    AdminToken(host::AdminTokenCommand),
+    /// Environments' keys on the host: list, create, rotate.
+    #[command(subcommand)]
+    Keys(host::KeysCommand),
+    /// A consistent copy of the embedded store, taken while it serves.
+    Backup(host::BackupArgs),
+    /// Put a backup in place as a data directory's store (the server stopped).
+    Restore(host::RestoreArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -274,6 +285,10 @@ fn main() -> anyhow::Result<()> {
             Command::Init(args) => init(args).await,
             Command::Query(args) => query(args).await,
             Command::Environments(EnvironmentsCommand::Set(args)) => environments::set(args).await,
+            Command::AdminToken(command) => host::admin_token(command).await,
+            Command::Keys(command) => host::keys(command).await,
+            Command::Backup(args) => host::backup(args),
+            Command::Restore(args) => host::restore(args),
         }
     })
 }
@@ -320,6 +335,14 @@ async fn init(args: InitArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Bound first: a taken port fails before a first start creates (and prints) credentials that
+    // nobody would see again.
+    let listener =
+        TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let _served_directory = match args.store.store {
+        None => Some(host::lock_served_directory(&args.store.data_dir)?),
+        Some(_) => None,
+    };
     let engine = open_engine(&args.store, args.engine_config()).await?;
     if let Some(credentials) = engine.bootstrap_if_empty().await? {
         print_credentials(&credentials);
@@ -329,8 +352,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Nodes sharing a database see keys and flags changed through the others within this bound.
     let _shared_state_refresh =
         args.store.store.is_some().then(|| engine.spawn_shared_state_refresh(SHARED_STATE_REFRESH_INTERVAL));
-    let listener =
-        TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
     println!("roster listening on http://{address}");
     std::io::stdout().flush()?;
@@ -511,6 +532,7 @@ fn table(output: &QueryOutput) -> String {
 
 fn print_credentials(credentials: &BootstrapCredentials) {
     println!("roster: first start, created these credentials. They are shown once; keep them now.");
+    println!("  (lost them? on this host: `roster admin-token reset`, `roster keys rotate <slug>`)");
     println!("  admin token: {}", credentials.admin_token);
     for environment in &credentials.environments {
         println!("  environment `{}`", environment.slug);

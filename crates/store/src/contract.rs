@@ -1319,6 +1319,33 @@ pub async fn the_rejections_log_keeps_the_newest_entries_per_environment(store: 
     assert_eq!(store.rejections(staging, None, 10).await.unwrap().len(), 1, "environments keep their own logs");
 }
 
+pub async fn an_identify_that_changes_nothing_leaves_updated_at_alone(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    let profile_id =
+        identify(store, environment_id, command(Some("ada"), Some("laptop"), json!({ "plan": "pro" }), 10)).await;
+    let written = store.profile(environment_id, &profile_id).await.unwrap().unwrap().updated_at;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    // Named again with nothing new (what a flags read sends), or with a trait already held.
+    identify(store, environment_id, command(Some("ada"), None, json!({}), 20)).await;
+    identify(store, environment_id, command(Some("ada"), Some("laptop"), json!({}), 30)).await;
+    let read_only = store.profile(environment_id, &profile_id).await.unwrap().unwrap();
+    assert_eq!(read_only.updated_at, written, "a read must not look like an update");
+    // A real change still moves it, and so does a newer timestamp for a held value (the order
+    // of later writes depends on it).
+    identify(store, environment_id, command(Some("ada"), None, json!({ "plan": "pro" }), 40)).await;
+    let retimed = store.profile(environment_id, &profile_id).await.unwrap().unwrap().updated_at;
+    assert!(retimed > written);
+    identify(store, environment_id, command(Some("ada"), None, json!({ "plan": "free" }), 35)).await;
+    assert_eq!(
+        profile_of(store, environment_id, IdentifierKind::UserId, "ada").await.traits["plan"],
+        json!("pro"),
+        "the newer timestamp was kept"
+    );
+    identify(store, environment_id, command(Some("ada"), Some("phone"), json!({}), 50)).await;
+    let linked = store.profile(environment_id, &profile_id).await.unwrap().unwrap().updated_at;
+    assert!(linked > retimed, "a new identifier is a change");
+}
+
 /// Instantiates every contract case as a test for one backend. `$make` is an async expression
 /// producing `Option<(Arc<dyn Store>, guard)>`; the guard (e.g. a temp dir) lives until the test
 /// ends, and `None` skips the case (the backend's maker says why).
@@ -1368,6 +1395,7 @@ macro_rules! store_contract_suite {
             queries_refuse_writes_and_escapes,
             queries_stop_at_their_time_and_row_limits,
             the_rejections_log_keeps_the_newest_entries_per_environment,
+            an_identify_that_changes_nothing_leaves_updated_at_alone,
         );
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_identifies_for_one_new_user_make_one_profile() {

@@ -86,6 +86,10 @@ pub trait Store: Send + Sync + 'static {
     /// The admin token hash recorded at bootstrap.
     async fn admin_token_hash(&self) -> StoreResult<Option<String>>;
 
+    /// Replaces the admin token's hash (key recovery on the host); `false` when the store was
+    /// never bootstrapped.
+    async fn replace_admin_token_hash(&self, admin_token_hash: String) -> StoreResult<bool>;
+
     async fn environments(&self) -> StoreResult<Vec<EnvironmentRecord>>;
 
     /// Fails with [`StoreError::Conflict`] when the slug or a key is taken.

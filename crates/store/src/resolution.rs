@@ -298,6 +298,9 @@ pub fn apply_identify(
         ),
         None => None,
     };
+    // What the profile was before this identify: one that changes nothing (a flags read with no
+    // traits, a resent identity) is not written, so `updated_at` means "last changed".
+    let unchanged_profile = (!created).then(|| profile.clone());
     let mut changes: Vec<TraitChange> = Vec::new();
     if let Some(absorbed) = &absorbed {
         if let Err(violation) = check_merge_cap(&profile, absorbed, &policy.limits, "anonymous_id") {
@@ -341,10 +344,12 @@ pub fn apply_identify(
         profile.user_id = Some(new_user_id.clone());
     }
     profile.identified |= plan.mark_identified;
-    profile.updated_at = received_at;
-
-    if let Err(violation) = write_profile(tx, environment_id, &profile, &policy.limits)? {
-        return Ok(Err(violation));
+    let profile_changed = unchanged_profile.as_ref() != Some(&profile) || adds_identifier || absorbed.is_some();
+    if profile_changed {
+        profile.updated_at = received_at;
+        if let Err(violation) = write_profile(tx, environment_id, &profile, &policy.limits)? {
+            return Ok(Err(violation));
+        }
     }
 
     let target_id = profile.profile_id.as_str();

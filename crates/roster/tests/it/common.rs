@@ -204,3 +204,55 @@ pub fn assert_error(status: StatusCode, body: &Value, expected_status: StatusCod
 pub fn skipped(test: &str, reason: &str) {
     let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("SKIPPED {test}: {reason}\n").as_bytes());
 }
+
+/// A real `roster serve` child process on a data directory; killed when dropped.
+pub struct RunningServer {
+    pub child: std::process::Child,
+    pub base_url: String,
+}
+
+impl RunningServer {
+    /// Starts `roster serve --listen 127.0.0.1:0 --data-dir DIR` plus `extra` arguments and waits
+    /// until it prints where it listens.
+    pub fn start(data_directory: &std::path::Path, extra: &[&str]) -> RunningServer {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_directory)
+            .args(extra)
+            .env("ROSTER_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn roster serve");
+        let stdout = child.stdout.take().expect("child stdout");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let base_url = loop {
+            let line = lines.next().expect("roster serve exited before listening").expect("read stdout");
+            if let Some(address) = line.strip_prefix("roster listening on ") {
+                break address.trim().to_owned();
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        RunningServer { child, base_url }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `roster init --json` on a data directory: the credentials it prints.
+pub fn init_data_directory(data_directory: &std::path::Path) -> Value {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["init", "--json", "--data-dir"])
+        .arg(data_directory)
+        .output()
+        .expect("run roster init");
+    assert!(output.status.success(), "init failed: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("init --json prints JSON")
+}

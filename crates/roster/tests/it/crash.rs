@@ -3,49 +3,21 @@
 //! every write that was acknowledged before the kill is there.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-struct RunningServer {
-    child: Child,
-    base_url: String,
-}
+use crate::common::RunningServer;
 
 fn start_server(data_directory: &Path) -> RunningServer {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_roster"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_directory)
-        .env("ROSTER_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn roster serve");
-    let stdout = child.stdout.take().expect("child stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let base_url = loop {
-        let line = lines.next().expect("roster serve exited before listening").expect("read stdout");
-        if let Some(address) = line.strip_prefix("roster listening on ") {
-            break address.trim().to_owned();
-        }
-    };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    RunningServer { child, base_url }
+    RunningServer::start(data_directory, &[])
 }
 
+/// `roster init --json` on a data directory: the development environment's client and server keys.
 fn init(data_directory: &Path) -> (String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_roster"))
-        .args(["init", "--json", "--data-dir"])
-        .arg(data_directory)
-        .output()
-        .expect("run roster init");
-    assert!(output.status.success());
-    let credentials: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let credentials = crate::common::init_data_directory(data_directory);
     let environment = &credentials["environments"][0];
     (environment["client_key"].as_str().unwrap().to_owned(), environment["server_key"].as_str().unwrap().to_owned())
 }

@@ -22,6 +22,7 @@ mod limits;
 mod multinode;
 mod node_sdks;
 mod openapi;
+mod operations;
 mod profiles;
 mod query;
 mod security;

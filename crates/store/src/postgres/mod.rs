@@ -629,6 +629,17 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn replace_admin_token_hash(&self, admin_token_hash: String) -> StoreResult<bool> {
+        self.write(move |tx| {
+            let replaced = tx.execute(
+                "UPDATE settings SET value = $2 WHERE name = $1",
+                &[&ADMIN_TOKEN_SETTING, &admin_token_hash],
+            )?;
+            Ok(replaced == 1)
+        })
+        .await
+    }
+
     async fn environments(&self) -> StoreResult<Vec<EnvironmentRecord>> {
         self.read(|tx| {
             const SQL: &str =

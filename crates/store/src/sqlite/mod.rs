@@ -261,6 +261,81 @@ impl SqliteStore {
         Ok(SqliteStore { database_path, write_queue, readers })
     }
 
+    /// Writes a consistent copy of the store in `data_directory` to `destination` (which must
+    /// not exist), while a server may be writing to it: SQLite's `VACUUM INTO` reads one snapshot
+    /// (WAL readers never block the writer) and writes a compact database. Answers its size.
+    pub fn backup(data_directory: &Path, destination: &Path) -> StoreResult<u64> {
+        let source = data_directory.join(DATABASE_FILE_NAME);
+        if !source.exists() {
+            return Err(StoreError::Database(format!("no Roster store in {}", data_directory.display())));
+        }
+        if destination.exists() {
+            return Err(StoreError::Conflict(format!("the backup file {}", destination.display())));
+        }
+        let connection = Connection::open_with_flags(&source, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        connection.busy_timeout(std::time::Duration::from_secs(30))?;
+        let target = destination.to_str().ok_or_else(|| {
+            StoreError::InvalidInput(format!("the backup path {} is not UTF-8", destination.display()))
+        })?;
+        connection.execute("VACUUM INTO ?1", [target])?;
+        // The copy is complete once VACUUM returns; make it durable before saying so.
+        std::fs::File::open(destination).and_then(|file| file.sync_all()).map_err(|error| {
+            StoreError::Database(format!("cannot flush the backup {}: {error}", destination.display()))
+        })?;
+        Ok(std::fs::metadata(destination).map(|metadata| metadata.len()).unwrap_or(0))
+    }
+
+    /// Puts a backup made by [`SqliteStore::backup`] in place as `data_directory`'s store. Refuses
+    /// a file that is not an intact Roster store, and a data directory whose store is open (a
+    /// server running on it) or exists unless `replace`.
+    pub fn restore(backup: &Path, data_directory: &Path, replace: bool) -> StoreResult<()> {
+        let checked = Connection::open_with_flags(backup, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let integrity: String = checked.query_row("PRAGMA quick_check", [], |row| row.get(0))?;
+        let is_roster: bool = checked.query_row(
+            "SELECT count(*) = 2 FROM sqlite_master WHERE type = 'table' AND name IN ('profiles', 'environments')",
+            [],
+            |row| row.get(0),
+        )?;
+        drop(checked);
+        if integrity != "ok" || !is_roster {
+            return Err(StoreError::InvalidInput(format!(
+                "{} is not an intact Roster backup ({integrity})",
+                backup.display()
+            )));
+        }
+        std::fs::create_dir_all(data_directory).map_err(|error| {
+            StoreError::Database(format!("cannot create data directory {}: {error}", data_directory.display()))
+        })?;
+        let target = data_directory.join(DATABASE_FILE_NAME);
+        if target.exists() {
+            if !replace {
+                return Err(StoreError::Conflict(format!("a store in {} (pass --replace)", data_directory.display())));
+            }
+            // A running server holds the store open; taking its write lock tells.
+            let current = Connection::open(&target)?;
+            current.execute_batch("BEGIN IMMEDIATE; ROLLBACK;").map_err(|_| {
+                StoreError::Conflict(format!("a running server on {}; stop it first", data_directory.display()))
+            })?;
+            drop(current);
+        }
+        // Copied beside the store, flushed, then renamed over it: a crash leaves one or the other.
+        let incoming = data_directory.join(format!("{DATABASE_FILE_NAME}.restoring"));
+        let copy = || -> std::io::Result<()> {
+            std::fs::copy(backup, &incoming)?;
+            std::fs::File::open(&incoming)?.sync_all()?;
+            for suffix in ["-wal", "-shm"] {
+                let stale = data_directory.join(format!("{DATABASE_FILE_NAME}{suffix}"));
+                if stale.exists() {
+                    std::fs::remove_file(stale)?;
+                }
+            }
+            std::fs::rename(&incoming, &target)?;
+            std::fs::File::open(data_directory)?.sync_all()
+        };
+        copy()
+            .map_err(|error| StoreError::Database(format!("cannot restore into {}: {error}", data_directory.display())))
+    }
+
     pub fn database_path(&self) -> &Path {
         &self.database_path
     }
@@ -1111,6 +1186,17 @@ impl Store for SqliteStore {
             Ok(connection
                 .query_row("SELECT value FROM settings WHERE name = ?1", [ADMIN_TOKEN_SETTING], |row| row.get(0))
                 .optional()?)
+        })
+        .await
+    }
+
+    async fn replace_admin_token_hash(&self, admin_token_hash: String) -> StoreResult<bool> {
+        self.write(move |connection| {
+            let replaced = connection.execute(
+                "UPDATE settings SET value = ?2 WHERE name = ?1",
+                params![ADMIN_TOKEN_SETTING, admin_token_hash],
+            )?;
+            Ok(replaced == 1)
         })
         .await
     }
