@@ -152,9 +152,22 @@ pub struct TrackCommand {
     pub properties_json: String,
     pub timestamp: Timestamp,
     pub message_id: Option<String>,
+    /// The SDK's `context` (page, user agent, device, library, …) as JSON text, kept with the
+    /// event as sent.
+    pub context_json: Option<String>,
 }
 
 impl TrackCommand {
+    /// Keeps the SDK's `context` with the event, within the same size limit as its properties.
+    pub fn with_context(mut self, context: Option<&Map<String, Value>>, limits: &Limits) -> Result<Self, FieldError> {
+        let Some(context) = context.filter(|context| !context.is_empty()) else { return Ok(self) };
+        let context_json = serde_json::to_string(context)
+            .map_err(|error| FieldError::new(ErrorCode::InvalidType, "context", error.to_string()))?;
+        limits.validate_properties(context, context_json.len(), "context")?;
+        self.context_json = Some(context_json);
+        Ok(self)
+    }
+
     pub fn new(
         user_id: Option<String>,
         anonymous_id: Option<String>,
@@ -182,7 +195,7 @@ impl TrackCommand {
         let properties_json = serde_json::to_string(&properties)
             .map_err(|error| FieldError::new(ErrorCode::InvalidType, "properties", error.to_string()))?;
         limits.validate_properties(&properties, properties_json.len(), "properties")?;
-        Ok(TrackCommand { user_id, anonymous_id, event, properties_json, timestamp, message_id })
+        Ok(TrackCommand { user_id, anonymous_id, event, properties_json, timestamp, message_id, context_json: None })
     }
 }
 

@@ -549,7 +549,8 @@ impl Engine {
                     input.timestamp.unwrap_or(nth_receive_time(received_at, index)),
                     input.message_id,
                     &self.config.limits,
-                )
+                )?
+                .with_context(input.context.as_ref(), &self.config.limits)
             })
             .collect();
         let policy = self.write_policy(environment.id).await?;

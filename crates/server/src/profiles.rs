@@ -213,6 +213,9 @@ pub struct EventResponse {
     pub received_at: String,
     /// The profile's traits when the event was recorded.
     pub identity_traits: Map<String, Value>,
+    /// The SDK's `context` sent with the event, when there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<Map<String, Value>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -256,6 +259,7 @@ pub async fn list_events(
             timestamp: event.timestamp.to_rfc3339(),
             received_at: event.received_at.to_rfc3339(),
             identity_traits: event.identity_traits,
+            context: event.context,
         })
         .collect();
     Ok(Json(EventListResponse { events, next_before: page.next_before }))

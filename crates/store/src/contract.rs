@@ -1346,6 +1346,22 @@ pub async fn an_identify_that_changes_nothing_leaves_updated_at_alone(store: &dy
     assert!(linked > retimed, "a new identifier is a change");
 }
 
+pub async fn events_keep_their_context(store: &dyn Store) {
+    let environment_id = new_environment(store, "production").await;
+    let context = json!({ "page": { "path": "/pricing" }, "library": { "name": "analytics.js" } });
+    let with_context =
+        track(Some("ada"), None, "Viewed", 10).with_context(context.as_object(), &Limits::default()).unwrap();
+    let results =
+        store.track(environment_id, vec![with_context, track(Some("ada"), None, "Bare", 20)], WritePolicy::default());
+    let profile_id = results.await.unwrap().remove(0).unwrap().profile_id;
+    let page = store.profile_events(environment_id, &profile_id, None, 10).await.unwrap().unwrap();
+    assert_eq!(page.events[0].event, "Bare");
+    assert_eq!(page.events[0].context, None);
+    assert_eq!(page.events[1].context.as_ref().map(|context| Value::Object(context.clone())), Some(context));
+    let path = sql(store, environment_id, "SELECT count(*) FROM events WHERE context IS NOT NULL").await;
+    assert_eq!(path.rows, vec![vec![json!(1)]], "the views show the context");
+}
+
 /// Instantiates every contract case as a test for one backend. `$make` is an async expression
 /// producing `Option<(Arc<dyn Store>, guard)>`; the guard (e.g. a temp dir) lives until the test
 /// ends, and `None` skips the case (the backend's maker says why).
@@ -1396,6 +1412,7 @@ macro_rules! store_contract_suite {
             queries_stop_at_their_time_and_row_limits,
             the_rejections_log_keeps_the_newest_entries_per_environment,
             an_identify_that_changes_nothing_leaves_updated_at_alone,
+            events_keep_their_context,
         );
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_identifies_for_one_new_user_make_one_profile() {

@@ -159,6 +159,8 @@ pub struct StoredEvent {
     pub timestamp: Timestamp,
     pub received_at: Timestamp,
     pub identity_traits: Map<String, Value>,
+    /// The SDK's `context` sent with the event, if any.
+    pub context: Option<Map<String, Value>>,
 }
 
 /// A page of a profile's events, newest first.

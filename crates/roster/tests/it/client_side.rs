@@ -167,7 +167,12 @@ async fn analytics_js_short_paths_take_text_plain_bodies_with_the_write_key_insi
     };
     send("/v1/p", json!({ "writeKey": key, "anonymousId": "anon-js", "name": "Home", "properties": { "path": "/" } }))
         .await;
-    send("/v1/t", json!({ "writeKey": key, "anonymousId": "anon-js", "event": "Viewed Pricing" })).await;
+    send(
+        "/v1/t",
+        json!({ "writeKey": key, "anonymousId": "anon-js", "event": "Viewed Pricing",
+                "context": { "page": { "path": "/pricing" }, "userAgent": "test-agent" } }),
+    )
+    .await;
     send(
         "/v1/i",
         json!({ "writeKey": key, "anonymousId": "anon-js", "userId": "js-user", "traits": { "plan": "pro" } }),
@@ -184,6 +189,14 @@ async fn analytics_js_short_paths_take_text_plain_bodies_with_the_write_key_insi
         "pre-login events linked"
     );
     assert_eq!(server.profile_of_user("js-user").await["traits"]["plan"], "pro");
+    // A track keeps its context, in SQL and in the timeline.
+    let context = server.sql("SELECT context ->> '$.page.path' FROM events WHERE event = 'Viewed Pricing'").await;
+    assert_eq!(context["rows"], json!([["/pricing"]]));
+    let profile_id = server.profile_of_user("js-user").await["profile_id"].as_str().unwrap().to_owned();
+    let (_, timeline) = server.get(&format!("/v1/profiles/{profile_id}/events"), &server.keys.server_key).await;
+    let viewed =
+        timeline["events"].as_array().unwrap().iter().find(|event| event["event"] == "Viewed Pricing").unwrap();
+    assert_eq!(viewed["context"]["userAgent"], "test-agent");
 }
 
 #[tokio::test]

@@ -182,6 +182,7 @@ const MIGRATIONS: &[&str] = &[
         created_at BIGINT NOT NULL
     );
     ALTER TABLE environments ADD COLUMN settings TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE events ADD COLUMN context JSONB;
     CREATE TABLE rejections (
         rejection_id BIGSERIAL PRIMARY KEY,
         environment_id BIGINT NOT NULL,
@@ -735,7 +736,7 @@ impl Store for PostgresStore {
             let (before_micros, before_event_id) = parse_event_cursor(before.as_deref());
             let rows = tx.query(
                 "SELECT event_id, profile_id, distinct_id, anonymous_id, event, properties::text, timestamp, \
-                 received_at, identity_traits::text FROM events WHERE environment_id = $1 AND profile_id = $2 \
+                 received_at, identity_traits::text, context::text FROM events WHERE environment_id = $1 AND profile_id = $2 \
                  AND (timestamp, event_id) < ($3, $4) ORDER BY timestamp DESC, event_id DESC LIMIT $5",
                 &[
                     &environment_id,
@@ -752,6 +753,7 @@ impl Store for PostgresStore {
                 events.push(StoredEvent {
                     properties: parse_object(row.get(5), &event_id)?,
                     identity_traits: parse_object(row.get(8), &event_id)?,
+                    context: row.get::<_, Option<&str>>(9).map(|context| parse_object(context, &event_id)).transpose()?,
                     profile_id: row.get(1),
                     distinct_id: row.get(2),
                     anonymous_id: row.get(3),

@@ -31,7 +31,7 @@ use crate::model::{EnvironmentId, QueryBounds, QueryOutput};
 use crate::{StoreError, StoreResult};
 
 /// Version of the views' definitions; an environment whose views are older gets them anew.
-const VIEWS_VERSION: i32 = 1;
+const VIEWS_VERSION: i32 = 2;
 
 /// Idle query connections kept per environment (more are closed after their query).
 const IDLE_CONNECTIONS_PER_ENVIRONMENT: usize = 2;
@@ -305,7 +305,8 @@ fn view_definitions(store_schema: &str, views: &str, environment_id: Environment
             ev.properties AS properties,
             {timestamp} AS timestamp,
             {received_at} AS received_at,
-            ev.identity_traits AS identity_traits
+            ev.identity_traits AS identity_traits,
+            ev.context AS context
          FROM {store}.events ev JOIN {store}.environments e ON e.environment_id = ev.environment_id
          WHERE ev.environment_id = {environment};
         CREATE VIEW {views}.trait_changes WITH (security_barrier) AS SELECT

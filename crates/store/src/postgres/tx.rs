@@ -64,6 +64,7 @@ struct PendingEvents {
     received_at: Vec<i64>,
     identity_traits: Vec<String>,
     message_ids: Vec<Option<String>>,
+    contexts: Vec<Option<String>>,
 }
 
 #[derive(Default)]
@@ -261,10 +262,10 @@ impl<'c> PgTx<'c> {
             let pending = std::mem::take(&mut self.pending_events);
             self.execute(
                 "INSERT INTO events (environment_id, event_id, profile_id, distinct_id, anonymous_id, event, \
-                 properties, timestamp, received_at, identity_traits, message_id) \
-                 SELECT e, i, p, d, a, n, pr::jsonb, t, r, it::jsonb, m FROM unnest($1::bigint[], $2::text[], \
+                 properties, timestamp, received_at, identity_traits, message_id, context) \
+                 SELECT e, i, p, d, a, n, pr::jsonb, t, r, it::jsonb, m, c::jsonb FROM unnest($1::bigint[], $2::text[], \
                  $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], \
-                 $10::text[], $11::text[]) AS x(e, i, p, d, a, n, pr, t, r, it, m)",
+                 $10::text[], $11::text[], $12::text[]) AS x(e, i, p, d, a, n, pr, t, r, it, m, c)",
                 &[
                     &pending.environment_ids,
                     &pending.event_ids,
@@ -277,6 +278,7 @@ impl<'c> PgTx<'c> {
                     &pending.received_at,
                     &pending.identity_traits,
                     &pending.message_ids,
+                    &pending.contexts,
                 ],
             )?;
         }
@@ -558,6 +560,7 @@ impl IdentityTx for PgTx<'_> {
         pending.received_at.push(event.received_at.as_micros());
         pending.identity_traits.push(event.identity_traits_json.to_owned());
         pending.message_ids.push(event.command.message_id.clone());
+        pending.contexts.push(event.command.context_json.clone());
         Ok(())
     }
 

@@ -194,6 +194,7 @@ const MIGRATIONS: &[&str] = &[
 "#,
     r#"
     ALTER TABLE environments ADD COLUMN settings TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE events ADD COLUMN context TEXT;
     CREATE TABLE rejections (
         rejection_id INTEGER PRIMARY KEY AUTOINCREMENT,
         environment_id INTEGER NOT NULL,
@@ -811,8 +812,8 @@ impl IdentityTx for SqliteIdentityTx<'_> {
         self.connection
             .prepare_cached(
                 "INSERT INTO events (environment_id, event_id, profile_id, distinct_id, anonymous_id, event, \
-                 properties, timestamp, received_at, identity_traits, message_id) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                 properties, timestamp, received_at, identity_traits, message_id, context) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )?
             .execute(params![
                 environment_id,
@@ -826,6 +827,7 @@ impl IdentityTx for SqliteIdentityTx<'_> {
                 event.received_at.as_micros(),
                 event.identity_traits_json,
                 event.command.message_id,
+                event.command.context_json,
             ])?;
         Ok(())
     }
@@ -1294,7 +1296,7 @@ impl Store for SqliteStore {
             let fetch = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
             let mut statement = connection.prepare_cached(
                 "SELECT event_id, profile_id, distinct_id, anonymous_id, event, properties, timestamp, received_at, \
-                 identity_traits FROM events WHERE environment_id = ?1 AND profile_id = ?2 \
+                 identity_traits, context FROM events WHERE environment_id = ?1 AND profile_id = ?2 \
                  AND (timestamp, event_id) < (?3, ?4) ORDER BY timestamp DESC, event_id DESC LIMIT ?5",
             )?;
             let rows = statement
@@ -1309,15 +1311,27 @@ impl Store for SqliteStore {
                         row.get::<_, i64>(6)?,
                         row.get::<_, i64>(7)?,
                         row.get::<_, String>(8)?,
+                        row.get::<_, Option<String>>(9)?,
                     ))
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             let has_more = rows.len() > limit;
             let mut events = Vec::with_capacity(rows.len().min(limit));
-            for (event_id, profile_id, distinct_id, anonymous_id, event, properties, timestamp, received_at, traits) in
-                rows.into_iter().take(limit)
+            for (
+                event_id,
+                profile_id,
+                distinct_id,
+                anonymous_id,
+                event,
+                properties,
+                timestamp,
+                received_at,
+                traits,
+                context,
+            ) in rows.into_iter().take(limit)
             {
                 events.push(StoredEvent {
+                    context: context.map(|context| parse_object(&context, &event_id)).transpose()?,
                     properties: parse_object(&properties, &event_id)?,
                     identity_traits: parse_object(&traits, &event_id)?,
                     event_id,

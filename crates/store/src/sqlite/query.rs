@@ -68,7 +68,8 @@ fn views(store: &str) -> String {
             ev.properties AS properties, \
             {timestamp} AS timestamp, \
             {received_at} AS received_at, \
-            ev.identity_traits AS identity_traits \
+            ev.identity_traits AS identity_traits, \
+            ev.context AS context \
          FROM {store}.events ev \
          WHERE ev.environment_id = roster_environment();
          CREATE TEMP VIEW trait_changes AS SELECT \
