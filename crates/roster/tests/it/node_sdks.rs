@@ -85,3 +85,42 @@ async fn customerio_node_client_works_against_roster_behind_tls() {
     let events = server.sql("SELECT event FROM events WHERE distinct_id = 'node-cio' ORDER BY timestamp").await;
     assert_eq!(events["rows"], json!([["Viewed Pricing"], ["Checkout"]]));
 }
+
+/// Customer.io's Data Pipelines Node SDK (`@customerio/cdp-analytics-node`), pointed at Roster:
+/// its semantic events register and delete devices, erase and suppress people.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customerio_data_pipelines_node_sdk_acts_on_devices_and_people() {
+    let directory = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node");
+    if !std::path::Path::new(directory).join("node_modules/@customerio/cdp-analytics-node").is_dir() {
+        skipped(
+            "customerio_data_pipelines_node_sdk_acts_on_devices_and_people",
+            "run `npm ci` in crates/roster/tests/node (.ci/run does)",
+        );
+        return;
+    }
+    let server = TestServer::start().await;
+    let output = tokio::process::Command::new("node")
+        .current_dir(directory)
+        .args(["cdp.js", &server.base_url, &server.keys.client_key, &server.keys.server_key])
+        .output()
+        .await
+        .expect("run node");
+    assert!(output.status.success(), "node failed: {}", String::from_utf8_lossy(&output.stderr));
+    let seen: Value = serde_json::from_slice(&output.stdout).expect("JSON from node");
+    assert_eq!(seen["errors"], json!([]));
+    let profile = server.profile_of_user("cdp-user").await;
+    assert_eq!(profile["traits"]["plan"], "pro");
+    let devices = profile["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 1, "the deleted device is gone: {devices:?}");
+    assert_eq!(devices[0]["token"], "fcm-node-1");
+    assert_eq!(devices[0]["platform"], "android");
+    assert_eq!(devices[0]["attributes"]["network_wifi"], true);
+    assert_eq!(devices[0]["attributes"]["push_enabled"], true);
+    assert!(devices[0]["last_used"].is_string());
+    let events = server.sql("SELECT event FROM events WHERE distinct_id = 'cdp-user' ORDER BY timestamp").await;
+    assert_eq!(events["rows"], json!([["Opened App"]]), "semantic events are not ordinary events");
+    let (_, gone) = server.get("/v1/profiles?user_id=cdp-gone", &server.keys.server_key).await;
+    assert_eq!(gone["profiles"], json!([]), "User Deleted erased the person");
+    let (_, dropped) = server.post("/identify", &server.keys.server_key, &json!({ "user_id": "cdp-quiet" })).await;
+    assert_eq!(dropped["results"][0]["suppressed"], true, "User Suppressed took effect");
+}
