@@ -50,6 +50,7 @@ pub enum ErrorCode {
     TooManyQueries,
     RequestTimeout,
     Overloaded,
+    NotReady,
     Internal,
 }
 
@@ -99,6 +100,7 @@ impl ErrorCode {
             ErrorCode::TooManyQueries => "too_many_queries",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::NotReady => "not_ready",
             ErrorCode::Internal => "internal",
         }
     }

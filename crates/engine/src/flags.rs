@@ -536,6 +536,8 @@ fn answer(
     traits: Map<String, Value>,
 ) -> FlagsAnswer {
     let evaluation = compiled.evaluator.evaluate(identity);
+    let subject = if identity.is_some() { "identity" } else { "environment" };
+    metrics::counter!("roster_flag_evaluations_total", "subject" => subject).increment(1);
     FlagsAnswer {
         profile_id,
         traits,

@@ -364,6 +364,16 @@ impl Engine {
         principal: &Principal,
         items: Vec<Result<IdentifyInput, FieldError>>,
     ) -> EngineResult<Vec<Result<IdentifyOutcome, FieldError>>> {
+        self.identify_as(principal, items, "identify").await
+    }
+
+    /// The identify write path, its items counted under `operation` (alias is an identify).
+    async fn identify_as(
+        &self,
+        principal: &Principal,
+        items: Vec<Result<IdentifyInput, FieldError>>,
+        operation: &'static str,
+    ) -> EngineResult<Vec<Result<IdentifyOutcome, FieldError>>> {
         let environment = principal.require_environment()?;
         let received_at = now();
         let commands = items
@@ -384,6 +394,7 @@ impl Engine {
                     .collect();
             }
         }
+        count_items(operation, &results);
         Ok(results)
     }
 
@@ -438,7 +449,7 @@ impl Engine {
                 })
             })
             .collect();
-        self.identify(principal, identifies).await
+        self.identify_as(principal, identifies, "alias").await
     }
 
     /// Merges two profiles named explicitly (the only way two identified users merge). Server key.
@@ -556,6 +567,7 @@ impl Engine {
         let policy = self.write_policy(environment.id).await?;
         let results = apply_in_order(commands, |commands| self.store.track(environment.id, commands, policy)).await?;
         self.refresh_devices_of_events(environment.id, &results, devices).await?;
+        count_items("track", &results);
         Ok(results)
     }
 
@@ -578,7 +590,24 @@ impl Engine {
         let environment = principal.require_server()?;
         let bounds = QueryBounds { timeout: self.config.query_timeout, max_rows: self.config.query_max_rows };
         let _turn = self.query_slots.turn(environment.id).await?;
-        Ok(self.store.query(environment.id, sql, bounds).await?)
+        let started = std::time::Instant::now();
+        let answered = self.store.query(environment.id, sql, bounds).await;
+        let outcome = match &answered {
+            Ok(_) => "ok",
+            Err(StoreError::QueryRefused(_)) => "refused",
+            Err(StoreError::QueryTimeout(_)) => "timeout",
+            Err(StoreError::QueryFailed(_)) => "failed",
+            Err(_) => "error",
+        };
+        metrics::counter!("roster_sql_queries_total", "outcome" => outcome).increment(1);
+        metrics::histogram!("roster_sql_query_duration_seconds", "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        Ok(answered?)
+    }
+
+    /// Whether the store answers a trivial read (readiness). The caller bounds how long it waits.
+    pub async fn ping(&self) -> EngineResult<()> {
+        Ok(self.store.ping().await?)
     }
 
     /// Deletes expired message ids and trait history, a bounded batch at a time, until none is
@@ -714,6 +743,23 @@ where
         .into_iter()
         .map(|slot| slot.unwrap_or_else(|| applied.next().unwrap_or_else(|| Err(lost_item()))))
         .collect())
+}
+
+/// Counts a write's items by operation and outcome (`roster_items_total`): every item handed to
+/// the write path, whichever dialect it came in. Items a dialect refused before building a
+/// command (unknown message type, unparsable message) never get here; `record_rejections`
+/// counts every refusal by dialect.
+fn count_items<Outcome>(operation: &'static str, results: &[Result<Outcome, FieldError>]) {
+    let accepted = results.iter().filter(|result| result.is_ok()).count();
+    let rejected = results.len() - accepted;
+    if accepted > 0 {
+        metrics::counter!("roster_items_total", "operation" => operation, "outcome" => "accepted")
+            .increment(accepted as u64);
+    }
+    if rejected > 0 {
+        metrics::counter!("roster_items_total", "operation" => operation, "outcome" => "rejected")
+            .increment(rejected as u64);
+    }
 }
 
 /// The store answers one result per command; a shorter answer is a backend bug, reported per item

@@ -38,6 +38,22 @@ fn truncated(text: &str, limit: usize) -> String {
     format!("{}… ({} bytes in all)", &text[..end], text.len())
 }
 
+/// Counts refusals by dialect and error code (`roster_rejected_items_total`). Both labels come
+/// from fixed sets: the dialects name themselves with constants, codes are `ErrorCode`s.
+fn count_rejections(dialect: &str, refused: &[RefusedMessage]) {
+    let mut per_code: Vec<(&str, u64)> = Vec::new();
+    for message in refused {
+        match per_code.iter_mut().find(|(code, _)| *code == message.code) {
+            Some((_, count)) => *count += 1,
+            None => per_code.push((&message.code, 1)),
+        }
+    }
+    for (code, count) in per_code {
+        metrics::counter!("roster_rejected_items_total", "dialect" => dialect.to_owned(), "code" => code.to_owned())
+            .increment(count);
+    }
+}
+
 impl Engine {
     /// Records what a dialect refused. Best effort: the refusal was already answered, so a
     /// failure to log it is logged, never turned into an error for the caller.
@@ -52,6 +68,7 @@ impl Engine {
         if refused.is_empty() {
             return;
         }
+        count_rejections(dialect, &refused);
         let received_at = now();
         let total = refused.len();
         let entry = |message: RefusedMessage| Rejection {

@@ -154,6 +154,10 @@ struct ServeArgs {
     /// Most open client connections (lowered to fit the process's open-file limit).
     #[arg(long, env = "ROSTER_MAX_CONNECTIONS", default_value_t = ServerConfig::default().max_connections)]
     max_connections: usize,
+    /// Where `GET /metrics` is served: on the main listener when unset, on this address instead
+    /// (e.g. `0.0.0.0:9400` for a scraper on another interface), or nowhere with `off`.
+    #[arg(long, env = "ROSTER_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     #[command(flatten)]
     limits: LimitArgs,
     /// A resent message id within this many hours is applied once.
@@ -195,6 +199,7 @@ impl ServeArgs {
             body_read_timeout: Duration::from_millis(self.body_read_timeout_ms),
             header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
             max_connections: self.max_connections,
+            serve_metrics: self.metrics_listen.is_none(),
         }
     }
 
@@ -339,6 +344,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // nobody would see again.
     let listener =
         TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    if let Some(metrics_listen) = args.metrics_listen.as_deref().filter(|address| *address != "off") {
+        let metrics_listener = TcpListener::bind(metrics_listen)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {metrics_listen}"))?;
+        println!("roster metrics listening on http://{}/metrics", metrics_listener.local_addr()?);
+        tokio::spawn(roster_server::serve_metrics(metrics_listener));
+    }
     let _served_directory = match args.store.store {
         None => Some(host::lock_served_directory(&args.store.data_dir)?),
         Some(_) => None,

@@ -68,7 +68,7 @@ fn error_type(code: ErrorCode) -> &'static str {
         ErrorCode::MissingApiKey | ErrorCode::InvalidApiKey | ErrorCode::Forbidden | ErrorCode::OriginNotAllowed => {
             "auth"
         }
-        ErrorCode::Overloaded | ErrorCode::QueryUnavailable => "unavailable",
+        ErrorCode::Overloaded | ErrorCode::QueryUnavailable | ErrorCode::NotReady => "unavailable",
         ErrorCode::Internal => "internal",
         _ => "invalid_request",
     }
@@ -78,7 +78,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
     match code {
         ErrorCode::PayloadTooLarge | ErrorCode::TooManyItems => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-        ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Overloaded | ErrorCode::NotReady => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ErrorCode::MissingApiKey | ErrorCode::InvalidApiKey => StatusCode::UNAUTHORIZED,
         ErrorCode::Forbidden | ErrorCode::OriginNotAllowed => StatusCode::FORBIDDEN,

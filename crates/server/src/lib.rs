@@ -12,12 +12,14 @@ mod flags;
 mod flagsmith;
 mod graph;
 mod native;
+mod operations;
 mod profiles;
 mod query;
 mod rejections;
 mod sdk;
 mod segment;
 
+pub use operations::{install_metrics_recorder, serve_metrics};
 pub use query::to_csv as csv;
 
 use std::any::Any;
@@ -61,6 +63,8 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Most open connections; further ones wait in the listen backlog until one closes.
     pub max_connections: usize,
+    /// Serve `GET /metrics` on this listener (off when it has a listener of its own, or none).
+    pub serve_metrics: bool,
 }
 
 impl Default for ServerConfig {
@@ -73,6 +77,7 @@ impl Default for ServerConfig {
             body_read_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(30),
             max_connections: 4096,
+            serve_metrics: true,
         }
     }
 }
@@ -87,9 +92,13 @@ pub struct AppState {
 /// All routes, with the layers every request goes through.
 pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
     let max_body_bytes = config.max_body_bytes;
+    let serve_metrics = config.serve_metrics;
+    if serve_metrics {
+        install_metrics_recorder();
+    }
     let admission = Arc::new(admission::Admission::new(&config));
     let state = AppState { engine, config: Arc::new(config) };
-    Router::new()
+    let routes = Router::new()
         .merge(client_routes(state.clone()))
         .merge(server_routes())
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/api.md") })
@@ -97,10 +106,16 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
             ApiError::new(ErrorCode::MethodNotAllowed, "this endpoint does not accept that HTTP method")
         })
         .layer(axum::middleware::from_fn_with_state(admission, admission::admit))
-        // Added after the admission layer, so a health check is answered however busy the server is.
+        // Added after the admission layer, so health, readiness and metrics are answered however
+        // busy the server is (and without a key).
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(operations::readiness));
+    let routes = if serve_metrics { routes.route("/metrics", get(operations::render_metrics)) } else { routes };
+    routes
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(CatchPanicLayer::custom(panic_response))
+        // Outside the panic catcher, so a panic's 500 is counted too.
+        .layer(axum::middleware::from_fn(operations::record_request))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -90,6 +90,13 @@ pub trait Store: Send + Sync + 'static {
     /// never bootstrapped.
     async fn replace_admin_token_hash(&self, admin_token_hash: String) -> StoreResult<bool>;
 
+    /// Answers when the store can serve a trivial read (readiness checks). The default reads the
+    /// admin token hash: one row, through the same connections every request uses, so it fails
+    /// when they cannot reach the data.
+    async fn ping(&self) -> StoreResult<()> {
+        self.admin_token_hash().await.map(|_| ())
+    }
+
     async fn environments(&self) -> StoreResult<Vec<EnvironmentRecord>>;
 
     /// Fails with [`StoreError::Conflict`] when the slug or a key is taken.

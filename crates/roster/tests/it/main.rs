@@ -19,6 +19,7 @@ mod fuzz;
 mod graph;
 mod identify;
 mod limits;
+mod metrics;
 mod multinode;
 mod node_sdks;
 mod openapi;

@@ -275,7 +275,9 @@ impl Workers {
                                 Err(error) => tracing::warn!(%error, "cannot connect to postgres"),
                             }
                         }
+                        metrics::gauge!("roster_postgres_connections_busy").increment(1.0);
                         job(&mut connection);
+                        metrics::gauge!("roster_postgres_connections_busy").decrement(1.0);
                     }
                 })
                 .map_err(|error| StoreError::Database(format!("cannot start a postgres thread: {error}")))?;
@@ -332,6 +334,9 @@ impl From<postgres::Error> for StoreError {
         let unstorable = error.code().is_some_and(|code| {
             *code == SqlState::CHARACTER_NOT_IN_REPERTOIRE || *code == SqlState::UNTRANSLATABLE_CHARACTER
         });
+        if error.code() == Some(&SqlState::T_R_SERIALIZATION_FAILURE) {
+            metrics::counter!("roster_postgres_serialization_failures_total").increment(1);
+        }
         if retryable {
             StoreError::Contention(message)
         } else if unstorable {
@@ -466,6 +471,7 @@ fn run_on<T>(
         match outcome {
             Err(StoreError::Contention(message)) if mode == Mode::Write && attempt < MAX_ATTEMPTS => {
                 // Back off a little, more each time, so racing nodes do not collide again at once.
+                metrics::counter!("roster_postgres_transaction_retries_total").increment(1);
                 std::thread::sleep(Duration::from_micros(200 * u64::from(attempt * attempt)));
                 tracing::debug!(attempt, %message, "postgres write conflicted; retrying");
             }

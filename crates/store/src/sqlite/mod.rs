@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use roster_core::flags::{FeatureDefinition, IdentityOverride, SegmentDefinition};
@@ -361,6 +361,9 @@ impl SqliteStore {
             (succeeded, completion)
         });
         self.write_queue.send(job).await.map_err(|_| StoreError::Closed)?;
+        // Seen from the sending side too, so the gauge rises while the writer is stuck in a
+        // long commit (the writer only samples it between commits).
+        record_write_queue_depth(self.write_queue.max_capacity() - self.write_queue.capacity());
         answer.await.map_err(|_| StoreError::Database("the write could not start; nothing was applied".into()))?
     }
 
@@ -462,6 +465,11 @@ fn migrate(connection: &mut Connection) -> StoreResult<()> {
     Ok(())
 }
 
+/// Jobs waiting for the writer (`roster_sqlite_write_queue_depth`).
+fn record_write_queue_depth(depth: usize) {
+    metrics::gauge!("roster_sqlite_write_queue_depth").set(depth as f64);
+}
+
 fn run_writer(connection: Connection, mut jobs: mpsc::Receiver<WriteJob>) {
     let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_JOBS_PER_COMMIT);
     while let Some(first) = jobs.blocking_recv() {
@@ -472,7 +480,11 @@ fn run_writer(connection: Connection, mut jobs: mpsc::Receiver<WriteJob>) {
                 Err(_) => break,
             }
         }
+        record_write_queue_depth(jobs.len());
+        metrics::histogram!("roster_sqlite_group_commit_jobs").record(batch.len() as f64);
+        let started = Instant::now();
         commit_group(&connection, &mut batch);
+        metrics::histogram!("roster_sqlite_group_commit_seconds").record(started.elapsed().as_secs_f64());
     }
     tracing::debug!("sqlite writer stopped");
 }
@@ -501,11 +513,15 @@ fn commit_group(connection: &Connection, batch: &mut Vec<WriteJob>) {
         }
         completions.push(completion);
     }
+    // With synchronous=FULL the COMMIT is where the WAL is fsync'd: its duration is the
+    // storage's durability cost, apart from the jobs' own work.
+    let commit_started = Instant::now();
     let commit = connection.execute_batch("COMMIT").map_err(|error| {
         tracing::error!(%error, "sqlite commit failed");
         let _ = connection.execute_batch("ROLLBACK");
         format!("commit failed: {error}")
     });
+    metrics::histogram!("roster_sqlite_commit_seconds").record(commit_started.elapsed().as_secs_f64());
     for completion in completions {
         completion(commit.clone());
     }
