@@ -591,58 +591,29 @@ pub async fn batch(
     })))
 }
 
-pub async fn identify(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    uri: Uri,
-    bytes: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    single(state, headers, uri, bytes, "identify").await
+/// One handler per single-message path (`/v1/identify`, `/v1/i`, ...), each the same call with
+/// its message type.
+macro_rules! single_message_handlers {
+    ($($name:ident => $kind:literal),* $(,)?) => {$(
+        #[doc = concat!("`POST /v1/", $kind, "`: one `", $kind, "` message.")]
+        pub async fn $name(
+            State(state): State<AppState>,
+            headers: HeaderMap,
+            uri: Uri,
+            bytes: Bytes,
+        ) -> Result<Json<Value>, ApiError> {
+            single(state, headers, uri, bytes, $kind).await
+        }
+    )*};
 }
 
-pub async fn track(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    uri: Uri,
-    bytes: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    single(state, headers, uri, bytes, "track").await
-}
-
-pub async fn alias(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    uri: Uri,
-    bytes: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    single(state, headers, uri, bytes, "alias").await
-}
-
-pub async fn page(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    uri: Uri,
-    bytes: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    single(state, headers, uri, bytes, "page").await
-}
-
-pub async fn screen(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    uri: Uri,
-    bytes: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    single(state, headers, uri, bytes, "screen").await
-}
-
-pub async fn group(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    uri: Uri,
-    bytes: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    single(state, headers, uri, bytes, "group").await
+single_message_handlers! {
+    identify => "identify",
+    track => "track",
+    alias => "alias",
+    page => "page",
+    screen => "screen",
+    group => "group",
 }
 
 fn now() -> Timestamp {

@@ -30,12 +30,7 @@ fn init_prints_credentials_as_json_once() {
 #[test]
 fn environment_settings_are_changed_from_the_command_line() {
     let data_directory = tempfile::tempdir().unwrap();
-    let init = Command::new(env!("CARGO_BIN_EXE_roster"))
-        .args(["init", "--json", "--data-dir"])
-        .arg(data_directory.path())
-        .output()
-        .unwrap();
-    assert!(init.status.success());
+    crate::common::init_data_directory(data_directory.path());
     let set = Command::new(env!("CARGO_BIN_EXE_roster"))
         .args([
             "environments",
@@ -71,12 +66,7 @@ fn environment_settings_are_changed_from_the_command_line() {
 #[test]
 fn query_reads_a_data_directory_directly() {
     let data_directory = tempfile::tempdir().unwrap();
-    let init = Command::new(env!("CARGO_BIN_EXE_roster"))
-        .args(["init", "--json", "--data-dir"])
-        .arg(data_directory.path())
-        .output()
-        .unwrap();
-    assert!(init.status.success());
+    crate::common::init_data_directory(data_directory.path());
     let table = Command::new(env!("CARGO_BIN_EXE_roster"))
         .args(["query", "SELECT count(*) AS profiles, 'x' AS label FROM identities", "--data-dir"])
         .arg(data_directory.path())

@@ -6,16 +6,24 @@ use serde_json::{Value, json};
 
 use crate::common::{TestServer, skipped};
 
+/// The Node SDKs' directory once `npm ci` installed `package` there; otherwise the test says it
+/// is skipped and gets `None`.
+fn node_directory(test: &str, package: &str) -> Option<&'static str> {
+    let directory = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node");
+    if std::path::Path::new(directory).join(package).is_dir() {
+        return Some(directory);
+    }
+    skipped(test, "run `npm ci` in crates/roster/tests/node (.ci/run does)");
+    None
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segment_and_flagsmith_node_sdks_work_unchanged_against_roster() {
-    let directory = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node");
-    if !std::path::Path::new(directory).join("node_modules").is_dir() {
-        skipped(
-            "segment_and_flagsmith_node_sdks_work_unchanged_against_roster",
-            "run `npm ci` in crates/roster/tests/node (.ci/run does)",
-        );
+    let Some(directory) =
+        node_directory("segment_and_flagsmith_node_sdks_work_unchanged_against_roster", "node_modules")
+    else {
         return;
-    }
+    };
     let server = TestServer::start().await;
     let segment = json!({ "name": "pro users", "rules": [{ "type": "ALL", "conditions": [
         { "property": "plan", "operator": "EQUAL", "value": "pro" }] }] });
@@ -58,14 +66,10 @@ async fn segment_and_flagsmith_node_sdks_work_unchanged_against_roster() {
 /// throwaway certificate in front of Roster (see `tests/node/customerio.js`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn customerio_node_client_works_against_roster_behind_tls() {
-    let directory = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node");
-    if !std::path::Path::new(directory).join("node_modules").is_dir() {
-        skipped(
-            "customerio_node_client_works_against_roster_behind_tls",
-            "run `npm ci` in crates/roster/tests/node (.ci/run does)",
-        );
+    let Some(directory) = node_directory("customerio_node_client_works_against_roster_behind_tls", "node_modules")
+    else {
         return;
-    }
+    };
     let server = TestServer::start().await;
     let output = tokio::process::Command::new("node")
         .current_dir(directory)
@@ -90,14 +94,12 @@ async fn customerio_node_client_works_against_roster_behind_tls() {
 /// its semantic events register and delete devices, erase and suppress people.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn customerio_data_pipelines_node_sdk_acts_on_devices_and_people() {
-    let directory = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node");
-    if !std::path::Path::new(directory).join("node_modules/@customerio/cdp-analytics-node").is_dir() {
-        skipped(
-            "customerio_data_pipelines_node_sdk_acts_on_devices_and_people",
-            "run `npm ci` in crates/roster/tests/node (.ci/run does)",
-        );
+    let Some(directory) = node_directory(
+        "customerio_data_pipelines_node_sdk_acts_on_devices_and_people",
+        "node_modules/@customerio/cdp-analytics-node",
+    ) else {
         return;
-    }
+    };
     let server = TestServer::start().await;
     let output = tokio::process::Command::new("node")
         .current_dir(directory)
