@@ -142,14 +142,14 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
         (None, false) => format_from_extension(Path::new(&args.input))?,
     };
     anyhow::ensure!(args.column_mappings.is_empty() || format == ImportFormat::Csv, "--map applies to CSV input only");
-    let (reader, total_bytes): (Box<dyn Read>, Option<u64>) = if reading_stdin {
+    let (reader, total_bytes): (Box<dyn Read + Send>, Option<u64>) = if reading_stdin {
         (Box::new(std::io::stdin()), None)
     } else {
         let file = File::open(&args.input).with_context(|| format!("cannot open {}", args.input))?;
         let length = file.metadata().ok().map(|metadata| metadata.len());
         (Box::new(file), length)
     };
-    let mut source: Box<dyn RecordSource> = match format {
+    let source: Box<dyn RecordSource + Send> = match format {
         ImportFormat::Ndjson => Box::new(NdjsonSource::new(reader)),
         ImportFormat::Csv => Box::new(CsvSource::new(reader, &args.column_mappings)?),
         ImportFormat::Json => Box::new(JsonArraySource::new(reader)?),
@@ -166,8 +166,10 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create the rejects file {}", rejects_path.display()))?;
     let mut run = ImportRun::new(destination, args.batch_size, BufWriter::new(rejects));
     let mut progress = Progress::new("import", "lines", total_bytes);
+    let mut records = read_and_prepare_in_background(source);
     let mut bytes_read = 0;
-    while let Some(record) = source.next_record()? {
+    while let Some(record) = records.recv().await {
+        let record = record?;
         bytes_read = record.bytes_read;
         let flushed = run.add(record).await?;
         if flushed || run.counts.read.is_multiple_of(1024) {
@@ -190,6 +192,46 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
         per_second(counts.read, elapsed),
     ));
     Ok(())
+}
+
+/// Records read ahead of the batches being applied.
+const RECORDS_READ_AHEAD: usize = 4096;
+
+/// A record parsed and ready to batch.
+struct PreparedRecord {
+    line: u64,
+    bytes_read: u64,
+    /// The input as the rejects file would quote it.
+    text: String,
+    items: Result<Vec<PreparedItem>, Refusal>,
+}
+
+/// Reads and parses records on a thread of their own, so that parsing the next lines overlaps
+/// the store (or the server) applying the current batch. Order is kept: one reader, one channel.
+fn read_and_prepare_in_background(
+    mut source: Box<dyn RecordSource + Send>,
+) -> tokio::sync::mpsc::Receiver<anyhow::Result<PreparedRecord>> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(RECORDS_READ_AHEAD);
+    std::thread::spawn(move || {
+        loop {
+            let prepared = match source.next_record() {
+                Ok(None) => return,
+                Ok(Some(record)) => Ok(PreparedRecord {
+                    line: record.line,
+                    bytes_read: record.bytes_read,
+                    text: excerpt(record.body.text()),
+                    items: prepare(record.line, &record.body),
+                }),
+                Err(error) => Err(error),
+            };
+            let failed = prepared.is_err();
+            // A closed channel means the import stopped on a fatal error: nothing more to read.
+            if sender.blocking_send(prepared).is_err() || failed {
+                return;
+            }
+        }
+    });
+    receiver
 }
 
 fn format_from_extension(path: &Path) -> anyhow::Result<ImportFormat> {
@@ -221,14 +263,14 @@ impl Counts {
 // Reading
 
 struct NdjsonSource {
-    reader: BufReader<Box<dyn Read>>,
+    reader: BufReader<Box<dyn Read + Send>>,
     line: u64,
     bytes_read: u64,
     buffer: Vec<u8>,
 }
 
 impl NdjsonSource {
-    fn new(reader: Box<dyn Read>) -> Self {
+    fn new(reader: Box<dyn Read + Send>) -> Self {
         NdjsonSource {
             reader: BufReader::with_capacity(256 * 1024, reader),
             line: 0,
@@ -383,14 +425,14 @@ fn column_targets(headers: &[String], mappings: &[String]) -> anyhow::Result<Vec
 }
 
 struct CsvSource {
-    reader: csv::Reader<Box<dyn Read>>,
+    reader: csv::Reader<Box<dyn Read + Send>>,
     headers: Vec<String>,
     columns: Vec<ColumnTarget>,
     record: csv::ByteRecord,
 }
 
 impl CsvSource {
-    fn new(reader: Box<dyn Read>, mappings: &[String]) -> anyhow::Result<Self> {
+    fn new(reader: Box<dyn Read + Send>, mappings: &[String]) -> anyhow::Result<Self> {
         let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(reader);
         let header_record = reader.byte_headers().context("cannot read the CSV header row")?.clone();
         let mut headers = Vec::with_capacity(header_record.len());
@@ -532,7 +574,7 @@ struct JsonArraySource {
 }
 
 impl JsonArraySource {
-    fn new(mut reader: Box<dyn Read>) -> anyhow::Result<Self> {
+    fn new(mut reader: Box<dyn Read + Send>) -> anyhow::Result<Self> {
         let mut bytes = Vec::new();
         reader.read_to_end(&mut bytes).context("cannot read the input")?;
         let text = String::from_utf8(bytes).context("the JSON input is not valid UTF-8")?;
@@ -1080,30 +1122,26 @@ impl ImportRun {
     }
 
     /// Takes one record; answers whether a batch was applied.
-    async fn add(&mut self, record: SourceRecord) -> anyhow::Result<bool> {
+    async fn add(&mut self, record: PreparedRecord) -> anyhow::Result<bool> {
         self.counts.read += 1;
         let record_id = self.first_pending_id + self.pending.len() as u64;
-        let prepared = prepare(record.line, &record.body);
         let mut pending = PendingRecord {
             line: record.line,
-            text: String::new(),
+            text: record.text,
             items_left: 0,
             items_total: 0,
             duplicate_items: 0,
             refusal: None,
         };
-        let items = match prepared {
+        let items = match record.items {
             Ok(items) => items,
             Err(refusal) => {
-                pending.text = excerpt(record.body.text());
                 pending.refusal = Some(refusal);
                 self.pending.push_back(pending);
                 self.settle()?;
                 return Ok(false);
             }
         };
-        // The text is kept only while the engine may still refuse the line.
-        pending.text = excerpt(record.body.text());
         pending.items_left = items.len();
         pending.items_total = items.len();
         self.pending.push_back(pending);
