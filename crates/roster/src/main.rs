@@ -1,8 +1,8 @@
 //! The `roster` binary: configuration and startup, nothing else.
 
 mod environments;
-mod host;
 mod export;
+mod host;
 mod import;
 mod progress;
 

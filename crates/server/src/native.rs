@@ -407,8 +407,7 @@ pub fn parse_alias_item(item: &str) -> Result<AliasInput, FieldError> {
 }
 
 fn parse_raw_item<T: serde::de::DeserializeOwned>(item: &str) -> Result<T, FieldError> {
-    let raw: &serde_json::value::RawValue = serde_json::from_str(item).map_err(|error| {
-        FieldError::new(ErrorCode::MalformedJson, "", format!("not valid JSON: {error}"))
-    })?;
+    let raw: &serde_json::value::RawValue = serde_json::from_str(item)
+        .map_err(|error| FieldError::new(ErrorCode::MalformedJson, "", format!("not valid JSON: {error}")))?;
     parse_item(raw)
 }
