@@ -1,7 +1,10 @@
 //! The `roster` binary: configuration and startup, nothing else.
 
 mod environments;
+mod export;
 mod host;
+mod import;
+mod progress;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -48,6 +51,12 @@ enum Command {
     Backup(host::BackupArgs),
     /// Put a backup in place as a data directory's store (the server stopped).
     Restore(host::RestoreArgs),
+    /// Import identifies, events and aliases from NDJSON, CSV or a JSON array, directly into the
+    /// store or into a running server (`--url`); refused lines go to a rejects file.
+    Import(import::ImportArgs),
+    /// Export profiles (and with `--events` their events) as NDJSON or CSV, from the store or a
+    /// running server (`--url`).
+    Export(export::ExportArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -294,6 +303,8 @@ fn main() -> anyhow::Result<()> {
             Command::Keys(command) => host::keys(command).await,
             Command::Backup(args) => host::backup(args),
             Command::Restore(args) => host::restore(args),
+            Command::Import(args) => import::import(args).await,
+            Command::Export(args) => export::export(args).await,
         }
     })
 }

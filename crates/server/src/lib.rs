@@ -19,6 +19,7 @@ mod rejections;
 mod sdk;
 mod segment;
 
+pub use native::{parse_alias_item, parse_identify_item, parse_track_item};
 pub use operations::{install_metrics_recorder, serve_metrics};
 pub use query::to_csv as csv;
 

@@ -389,3 +389,25 @@ pub fn batch_response<T>(
     let status = if response.rejected == 0 { StatusCode::OK } else { StatusCode::BAD_REQUEST };
     (status, Json(response)).into_response()
 }
+
+/// One native identify, track or alias item parsed exactly as the endpoints parse it, for tools
+/// that write through the engine without HTTP (`roster import`): same fields, same refusals.
+pub fn parse_identify_item(item: &str) -> Result<IdentifyInput, FieldError> {
+    parse_raw_item::<NativeIdentify>(item).and_then(NativeIdentify::into_input)
+}
+
+/// See [`parse_identify_item`].
+pub fn parse_track_item(item: &str) -> Result<TrackInput, FieldError> {
+    parse_raw_item::<NativeTrack>(item).and_then(NativeTrack::into_input)
+}
+
+/// See [`parse_identify_item`].
+pub fn parse_alias_item(item: &str) -> Result<AliasInput, FieldError> {
+    parse_raw_item::<NativeAlias>(item).and_then(NativeAlias::into_input)
+}
+
+fn parse_raw_item<T: serde::de::DeserializeOwned>(item: &str) -> Result<T, FieldError> {
+    let raw: &serde_json::value::RawValue = serde_json::from_str(item)
+        .map_err(|error| FieldError::new(ErrorCode::MalformedJson, "", format!("not valid JSON: {error}")))?;
+    parse_item(raw)
+}

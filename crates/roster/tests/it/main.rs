@@ -18,6 +18,7 @@ mod flagsmith;
 mod fuzz;
 mod graph;
 mod identify;
+mod import;
 mod limits;
 mod metrics;
 mod multinode;
