@@ -745,19 +745,32 @@ where
         .collect())
 }
 
-/// Counts a write's items by operation and outcome (`roster_items_total`): every item handed to
-/// the write path, whichever dialect it came in. Items a dialect refused before building a
-/// command (unknown message type, unparsable message) never get here; `record_rejections`
-/// counts every refusal by dialect.
+tokio::task_local! {
+    /// The wire format the request being served came in (`native`, `segment`, `flagsmith`,
+    /// `customerio`), set by the server around each request so the write path can label its
+    /// counts without every adapter passing it along.
+    static DIALECT: &'static str;
+}
+
+/// Runs `work` (a request's handling) as coming in `dialect`, for the items counters.
+pub async fn within_dialect<F: std::future::Future>(dialect: &'static str, work: F) -> F::Output {
+    DIALECT.scope(dialect, work).await
+}
+
+/// Counts a write's items by dialect, operation and outcome (`roster_items_total`): every item
+/// handed to the write path. Work outside a request (import, the CLI) counts as `internal`.
+/// Items a dialect refused before building a command (unknown message type, unparsable message)
+/// never get here; `record_rejections` counts every refusal by dialect.
 fn count_items<Outcome>(operation: &'static str, results: &[Result<Outcome, FieldError>]) {
+    let dialect = DIALECT.try_with(|dialect| *dialect).unwrap_or("internal");
     let accepted = results.iter().filter(|result| result.is_ok()).count();
     let rejected = results.len() - accepted;
     if accepted > 0 {
-        metrics::counter!("roster_items_total", "operation" => operation, "outcome" => "accepted")
+        metrics::counter!("roster_items_total", "dialect" => dialect, "operation" => operation, "outcome" => "accepted")
             .increment(accepted as u64);
     }
     if rejected > 0 {
-        metrics::counter!("roster_items_total", "operation" => operation, "outcome" => "rejected")
+        metrics::counter!("roster_items_total", "dialect" => dialect, "operation" => operation, "outcome" => "rejected")
             .increment(rejected as u64);
     }
 }

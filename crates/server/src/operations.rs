@@ -115,7 +115,7 @@ pub(crate) async fn record_request(request: Request, next: Next) -> Response {
         Some(matched) => matched.as_str().to_owned(),
         None => "unmatched".to_owned(),
     };
-    let response = next.run(request).await;
+    let response = roster_engine::within_dialect(dialect_of_route(&route), next.run(request)).await;
     let status = response.status();
     let status_class = status_class_label(status);
     metrics::counter!(
@@ -134,6 +134,37 @@ pub(crate) async fn record_request(request: Request, next: Next) -> Response {
     )
     .record(started.elapsed().as_secs_f64());
     response
+}
+
+/// The wire format a route belongs to, for the items counters.
+fn dialect_of_route(route: &str) -> &'static str {
+    const SEGMENT: [&str; 14] = [
+        "/v1/identify",
+        "/v1/track",
+        "/v1/alias",
+        "/v1/page",
+        "/v1/screen",
+        "/v1/group",
+        "/v1/batch",
+        "/v1/i",
+        "/v1/t",
+        "/v1/a",
+        "/v1/p",
+        "/v1/s",
+        "/v1/g",
+        "/v1/b",
+    ];
+    if SEGMENT.contains(&route) {
+        return "segment";
+    }
+    let customerio = ["/api/v1/customers", "/api/v1/events", "/api/v1/merge_customers", "/api/v2/batch"];
+    if customerio.iter().any(|prefix| route.starts_with(prefix)) {
+        return "customerio";
+    }
+    if route.starts_with("/api/") {
+        return "flagsmith";
+    }
+    "native"
 }
 
 /// The method as a label; methods outside HTTP's usual set share `other`, since a client may

@@ -133,12 +133,43 @@ async fn metrics_count_the_traffic_sent_with_route_templates_as_labels() {
     assert_eq!(status, StatusCode::OK, "{profile}");
     let (status, _) = server.get("/metrics-test/no/such/path", &server.keys.server_key).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // The same operation through two other wire formats, counted under their dialects.
+    let segment = json!({ "writeKey": server.keys.client_key, "batch": [
+        { "type": "identify", "userId": "metrics_seg" }, { "type": "track", "userId": "metrics_seg", "event": "E" }] });
+    let (status, _) = server.post_raw("/v1/batch", "", segment.to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    let bulk = json!({ "data": [{ "identifier": "metrics_flagsmith", "traits": [] }] });
+    let (status, _) = server.post("/api/v1/bulk-identities/", &server.keys.server_key, &bulk).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
 
     let after = scrape(&server.http, &metrics_url).await;
     // 3 single identifies, the batch's valid item and the identify of `POST /v1/flags`.
-    assert_grew(&before, &after, "roster_items_total", &[("operation", "identify"), ("outcome", "accepted")], 5.0);
-    assert_grew(&before, &after, "roster_items_total", &[("operation", "identify"), ("outcome", "rejected")], 1.0);
-    assert_grew(&before, &after, "roster_items_total", &[("operation", "track"), ("outcome", "accepted")], 2.0);
+    let native_identify = [("dialect", "native"), ("operation", "identify")];
+    assert_grew(
+        &before,
+        &after,
+        "roster_items_total",
+        &[native_identify[0], native_identify[1], ("outcome", "accepted")],
+        5.0,
+    );
+    assert_grew(
+        &before,
+        &after,
+        "roster_items_total",
+        &[native_identify[0], native_identify[1], ("outcome", "rejected")],
+        1.0,
+    );
+    assert_grew(
+        &before,
+        &after,
+        "roster_items_total",
+        &[("dialect", "native"), ("operation", "track"), ("outcome", "accepted")],
+        2.0,
+    );
+    for (dialect, operation) in [("segment", "identify"), ("segment", "track"), ("flagsmith", "identify")] {
+        let labels = [("dialect", dialect), ("operation", operation), ("outcome", "accepted")];
+        assert_grew(&before, &after, "roster_items_total", &labels, 1.0);
+    }
     assert_grew(
         &before,
         &after,
