@@ -589,9 +589,17 @@ impl Engine {
     pub async fn query(&self, principal: &Principal, sql: &str) -> EngineResult<QueryOutput> {
         let environment = principal.require_server()?;
         let bounds = QueryBounds { timeout: self.config.query_timeout, max_rows: self.config.query_max_rows };
-        let _turn = self.query_slots.turn(environment.id).await?;
+        let turn = self.query_slots.turn(environment.id).await?;
         let started = std::time::Instant::now();
-        let answered = self.store.query(environment.id, sql, bounds).await;
+        // The query runs on a task that holds the turn until the store answers: a client that
+        // hangs up does not free its turn while its query still runs.
+        let (store, environment_id, sql_text) = (Arc::clone(&self.store), environment.id, sql.to_owned());
+        let answered = tokio::spawn(async move {
+            let _turn = turn;
+            store.query(environment_id, &sql_text, bounds).await
+        })
+        .await
+        .map_err(|error| EngineError::Store(StoreError::Database(format!("the query task failed: {error}"))))?;
         let outcome = match &answered {
             Ok(_) => "ok",
             Err(StoreError::QueryRefused(_)) => "refused",

@@ -6,8 +6,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// An environment's settings, with the defaults a vendor's user would expect.
+/// Unknown fields are ignored when read back (a newer node may have written one; falling back to
+/// the defaults would loosen what it set) and refused by name when patched.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct EnvironmentSettings {
     /// Whether Flagsmith's identities endpoint answers a client key with the identity's stored
     /// traits. Flagsmith does (its client SDKs read traits back from it), so it is on by default;
@@ -46,8 +47,8 @@ fn is_origin(origin: &str) -> bool {
 }
 
 impl EnvironmentSettings {
-    /// The stored settings; a document this version cannot read falls back to the defaults
-    /// (and says so), so one bad row cannot lock an environment out.
+    /// The stored settings; a document this version cannot read at all falls back to the
+    /// defaults (and says so), so one bad row cannot lock an environment out.
     pub(crate) fn from_stored(slug: &str, stored: &str) -> Self {
         serde_json::from_str(stored).unwrap_or_else(|error| {
             tracing::warn!(slug, %error, "environment settings unreadable; using the defaults");
@@ -57,6 +58,14 @@ impl EnvironmentSettings {
 
     /// These settings with `patch`'s fields replaced (`null` restores a field's default).
     pub(crate) fn patched(&self, patch: &Map<String, Value>) -> Result<Self, FieldError> {
+        const KNOWN: [&str; 2] = ["flagsmith_client_key_reads_traits", "allowed_origins"];
+        if let Some(unknown) = patch.keys().find(|key| !KNOWN.contains(&key.as_str())) {
+            return Err(FieldError::new(
+                ErrorCode::UnknownField,
+                format!("settings.{unknown}"),
+                format!("unknown field `{unknown}`, expected one of `{}`", KNOWN.join("`, `")),
+            ));
+        }
         let mut merged = match serde_json::to_value(self) {
             Ok(Value::Object(fields)) => fields,
             _ => Map::new(),
@@ -129,6 +138,14 @@ mod tests {
             .patched(json!({ "allowed_origins": ["https://app.example.com/"] }).as_object().unwrap())
             .unwrap_err();
         assert_eq!(refused.path, "settings.allowed_origins[0]");
+    }
+
+    #[test]
+    fn settings_written_by_a_newer_version_keep_what_this_one_knows() {
+        let stored = r#"{"allowed_origins": ["https://app.example.com"], "flagsmith_client_key_reads_traits": false, "later_setting": 1}"#;
+        let settings = EnvironmentSettings::from_stored("production", stored);
+        assert_eq!(settings.allowed_origins, ["https://app.example.com"], "not loosened to the defaults");
+        assert!(!settings.flagsmith_client_key_reads_traits);
     }
 
     #[test]

@@ -372,9 +372,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let _maintenance = engine.spawn_maintenance(MAINTENANCE_INTERVAL);
     let _memory_trimmer = tokio::spawn(return_freed_memory());
-    // Nodes sharing a database see keys and flags changed through the others within this bound.
-    let _shared_state_refresh =
-        args.store.store.is_some().then(|| engine.spawn_shared_state_refresh(SHARED_STATE_REFRESH_INTERVAL));
+    // Keys and flags changed outside this process — by other nodes on PostgreSQL, or by
+    // `roster keys rotate` / `admin-token reset` on the host — take effect within this bound.
+    let _shared_state_refresh = engine.spawn_shared_state_refresh(SHARED_STATE_REFRESH_INTERVAL);
     let address = listener.local_addr()?;
     println!("roster listening on http://{address}");
     std::io::stdout().flush()?;

@@ -424,7 +424,20 @@ impl PostgresStore {
             quote_identifier(&locks_schema(&self.pool.schema)),
             environment_lock_table(environment_id)
         );
-        self.on_connection(move |connection| run_on(connection, Mode::Write, Some(&lock), &mut work)).await
+        let create = create_lock_table(&self.pool.schema, environment_id);
+        self.on_connection(move |connection| {
+            match run_on(connection, Mode::Write, Some(&lock), &mut work) {
+                // An environment created by a node from before the lock tables: its table is made
+                // here (a node's start makes every missing one too) and the write runs again.
+                Err(StoreError::Database(message)) if message.starts_with("42P01") => {
+                    tracing::info!(environment_id, "creating the environment's missing write-lock table");
+                    connection.client.batch_execute(&create)?;
+                    run_on(connection, Mode::Write, Some(&lock), &mut work)
+                }
+                other => other,
+            }
+        })
+        .await
     }
 
     async fn read<T, F>(&self, work: F) -> StoreResult<T>
@@ -1156,6 +1169,33 @@ mod contract_tests {
     }
 
     crate::store_contract_suite!(fresh_store());
+
+    /// An environment whose write-lock table is missing (created by a node from before the lock
+    /// tables) still takes writes: the table is made on first use.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_missing_write_lock_table_is_created_on_first_write() {
+        let Ok(url) = std::env::var("ROSTER_TEST_DATABASE_URL") else { return };
+        let schema = format!("roster_test_{}", uuid::Uuid::now_v7().simple());
+        let _guard = SchemaGuard { url: url.clone(), schema: schema.clone() };
+        let options = PostgresOptions { schema: Some(schema.clone()), ..PostgresOptions::new(url.clone()) };
+        let store = PostgresStore::connect(options).await.expect("connect to the test database");
+        let environment = store
+            .create_environment(crate::NewEnvironment {
+                slug: "production".into(),
+                name: "production".into(),
+                client_key: "client".into(),
+                server_key_hash: "hash".into(),
+                created_at: roster_core::Timestamp::from_micros(1),
+            })
+            .await
+            .unwrap();
+        let drop_lock = format!("DROP TABLE \"{schema}_locks\".environment_write_lock_{}", environment.id);
+        std::thread::spawn(move || postgres::Client::connect(&url, postgres::NoTls).unwrap().batch_execute(&drop_lock))
+            .join()
+            .unwrap()
+            .unwrap();
+        store.set_suppressed(environment.id, "someone", true).await.expect("the write creates its lock table");
+    }
 
     /// A query's session state (settings, advisory locks) does not outlive it: the next query on
     /// the same connection finds none of it.

@@ -148,6 +148,9 @@ const FUNCTIONS: &[&str] = &[
     "width_bucket",
 ];
 
+/// Rows fetched per round trip from the query's cursor.
+const ROWS_PER_FETCH: usize = 64;
+
 /// Largest answer in bytes of values; past it the answer is cut and marked truncated.
 const MAX_OUTPUT_BYTES: usize = 64 * 1024 * 1024;
 
@@ -199,22 +202,34 @@ fn not_readable(name: &ObjectName) -> ControlFlow<StoreError> {
     refuse(format!("`{name}` is not readable; queries read the views {}", VIEW_NAMES.join(", ")))
 }
 
-/// Whether a query body (through its set operations) selects `INTO` a new table.
-fn selects_into(body: &SetExpr) -> bool {
+/// Whether a query body (through its set operations) is anything but plain reads: `SELECT INTO`
+/// a new table, `TABLE name` (which names a relation no table factor shows), or a data-modifying
+/// statement (`WITH … DELETE`).
+fn is_not_a_plain_read(body: &SetExpr) -> bool {
     match body {
         SetExpr::Select(select) => select.into.is_some(),
-        SetExpr::SetOperation { left, right, .. } => selects_into(left) || selects_into(right),
-        SetExpr::Query(query) => selects_into(&query.body),
-        _ => false,
+        SetExpr::SetOperation { left, right, .. } => is_not_a_plain_read(left) || is_not_a_plain_read(right),
+        SetExpr::Query(query) => is_not_a_plain_read(&query.body),
+        SetExpr::Values(_) => false,
+        _ => true,
     }
+}
+
+/// A name as PostgreSQL resolves it: unquoted identifiers fold to lower case, quoted ones keep
+/// their case (so `"PG_LOCKS"` is not `pg_locks`).
+fn resolved_name(ident: &sqlparser::ast::Ident) -> String {
+    if ident.quote_style.is_some() { ident.value.clone() } else { ident.value.to_lowercase() }
 }
 
 impl Visitor for Reach {
     type Break = StoreError;
 
     fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<StoreError> {
-        if !query.locks.is_empty() || query.for_clause.is_some() || selects_into(&query.body) {
-            return refuse("queries only read: no FOR UPDATE/SHARE, FOR XML/JSON or SELECT INTO".into());
+        if !query.locks.is_empty() || query.for_clause.is_some() || is_not_a_plain_read(&query.body) {
+            return refuse(
+                "queries only read: SELECT or VALUES over the views (no TABLE, SELECT INTO, FOR UPDATE/SHARE, or writes)"
+                    .into(),
+            );
         }
         let address: *const Query = query;
         // A CTE's body sees the CTEs before it (and itself, in a recursive WITH), not later ones.
@@ -234,7 +249,7 @@ impl Visitor for Reach {
         }
         let mut scope = Scope { query: address, names: Vec::new(), hides_parent: false, cte_bodies: Vec::new() };
         if let Some(with) = &query.with {
-            let names: Vec<String> = with.cte_tables.iter().map(|cte| cte.alias.name.value.to_lowercase()).collect();
+            let names: Vec<String> = with.cte_tables.iter().map(|cte| resolved_name(&cte.alias.name)).collect();
             for (index, cte) in with.cte_tables.iter().enumerate() {
                 let visible = if with.recursive { names[..=index].to_vec() } else { names[..index].to_vec() };
                 scope.cte_bodies.push((&*cte.query as *const Query, visible));
@@ -299,7 +314,7 @@ impl Visitor for Reach {
 /// The single unqualified, lower-cased name of an object, if it is one.
 fn simple_name(name: &ObjectName) -> Option<String> {
     match name.0.as_slice() {
-        [ObjectNamePart::Identifier(ident)] => Some(ident.value.to_lowercase()),
+        [ObjectNamePart::Identifier(ident)] => Some(resolved_name(ident)),
         _ => None,
     }
 }
@@ -352,30 +367,38 @@ pub(super) fn run(
     transaction
         .batch_execute(&format!("DECLARE roster_query NO SCROLL CURSOR FOR {sql}"))
         .map_err(|error| query_error(error, bounds))?;
-    let fetch = bounds.max_rows.saturating_add(1);
-    let messages = transaction
-        .simple_query(&format!("FETCH FORWARD {fetch} FROM roster_query"))
-        .map_err(|error| query_error(error, bounds))?;
+    // Fetched a few rows at a time, so the answer's size cap bounds what is held in memory (a
+    // whole fetch arrives at once); one value is still at most PostgreSQL's 1 GB.
     let mut rows = Vec::new();
     let mut truncated = false;
     let mut output_bytes = 0usize;
-    for message in messages {
-        let SimpleQueryMessage::Row(row) = message else { continue };
-        if rows.len() == bounds.max_rows {
-            truncated = true;
+    'fetching: loop {
+        let messages = transaction
+            .simple_query(&format!("FETCH FORWARD {ROWS_PER_FETCH} FROM roster_query"))
+            .map_err(|error| query_error(error, bounds))?;
+        let mut fetched = 0;
+        for message in messages {
+            let SimpleQueryMessage::Row(row) = message else { continue };
+            fetched += 1;
+            if rows.len() == bounds.max_rows {
+                truncated = true;
+                break 'fetching;
+            }
+            let mut values = Vec::with_capacity(columns.len());
+            for (index, (_, column_type)) in columns.iter().enumerate() {
+                let text = row.get(index);
+                output_bytes += text.map_or(0, str::len);
+                values.push(to_json(text, column_type));
+            }
+            if output_bytes > MAX_OUTPUT_BYTES {
+                truncated = true;
+                break 'fetching;
+            }
+            rows.push(values);
+        }
+        if fetched < ROWS_PER_FETCH {
             break;
         }
-        let mut values = Vec::with_capacity(columns.len());
-        for (index, (_, column_type)) in columns.iter().enumerate() {
-            let text = row.get(index);
-            output_bytes += text.map_or(0, str::len);
-            values.push(to_json(text, column_type));
-        }
-        if output_bytes > MAX_OUTPUT_BYTES {
-            truncated = true;
-            break;
-        }
-        rows.push(values);
     }
     Ok(QueryOutput { columns: columns.into_iter().map(|(name, _)| name).collect(), rows, truncated })
 }
@@ -442,6 +465,10 @@ mod tests {
             "SET roster.environment_id = 2",
             "SELECT 1; SELECT 2",
             "SELECT pg_read_file('/etc/passwd')",
+            "WITH t AS (TABLE pg_stat_user_tables) SELECT * FROM t",
+            "TABLE identities",
+            "WITH \"PG_LOCKS\" AS (SELECT 1) SELECT * FROM pg_locks",
+            "WITH gone AS (DELETE FROM identities RETURNING *) SELECT * FROM gone",
         ] {
             assert!(check_statement(refused).is_err(), "{refused} must be refused");
         }

@@ -312,26 +312,36 @@ impl SqliteStore {
             if !replace {
                 return Err(StoreError::Conflict(format!("a store in {} (pass --replace)", data_directory.display())));
             }
-            // A running server holds the store open; taking its write lock tells.
+            // Everything the old store's WAL holds goes into its file and the WAL is emptied, so no
+            // stale frame can be replayed onto the restored file; failing to, something else has
+            // the store open.
             let current = Connection::open(&target)?;
-            current.execute_batch("BEGIN IMMEDIATE; ROLLBACK;").map_err(|_| {
-                StoreError::Conflict(format!("a running server on {}; stop it first", data_directory.display()))
-            })?;
+            let emptied: (i64, i64, i64) = current
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+            if emptied.0 != 0 {
+                return Err(StoreError::Conflict(format!(
+                    "another process using the store in {}; stop every roster process on it first",
+                    data_directory.display()
+                )));
+            }
             drop(current);
         }
-        // Copied beside the store, flushed, then renamed over it: a crash leaves one or the other.
+        // Copied beside the store, flushed, then renamed over it (the old WAL is empty by now): a
+        // crash leaves one store or the other, never a mix. The empty WAL and shared-memory
+        // files of the old store go after.
         let incoming = data_directory.join(format!("{DATABASE_FILE_NAME}.restoring"));
         let copy = || -> std::io::Result<()> {
             std::fs::copy(backup, &incoming)?;
             std::fs::File::open(&incoming)?.sync_all()?;
+            std::fs::rename(&incoming, &target)?;
+            std::fs::File::open(data_directory)?.sync_all()?;
             for suffix in ["-wal", "-shm"] {
                 let stale = data_directory.join(format!("{DATABASE_FILE_NAME}{suffix}"));
                 if stale.exists() {
                     std::fs::remove_file(stale)?;
                 }
             }
-            std::fs::rename(&incoming, &target)?;
-            std::fs::File::open(data_directory)?.sync_all()
+            Ok(())
         };
         copy()
             .map_err(|error| StoreError::Database(format!("cannot restore into {}: {error}", data_directory.display())))
