@@ -515,6 +515,8 @@ fn visible_to(
     surface: AnswerSurface,
 ) -> FlagsAnswer {
     let Principal::Client(environment) = principal else { return answer };
+    // Profile ids are UUIDv7: one would tell when (and that) the person was first seen.
+    answer.profile_id = None;
     if surface == AnswerSurface::FlagsmithIdentity && environment.settings.flagsmith_client_key_reads_traits {
         return answer;
     }

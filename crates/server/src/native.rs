@@ -284,7 +284,8 @@ enum OutcomeDetail {
     Full,
     /// Client keys (public): nothing that tells whether a user id is known, merged or suppressed,
     /// or anything about another profile — else a published key would answer "is this user
-    /// registered?".
+    /// registered?". Not even the profile id: ids are UUIDv7, which carry their creation time,
+    /// and a suppressed person has none.
     Public,
 }
 
@@ -303,7 +304,7 @@ fn identify_item(index: usize, outcome: &IdentifyOutcome, shown: OutcomeDetail) 
         return ItemResponse { suppressed: full, ..ItemResponse::accepted(index) };
     }
     ItemResponse {
-        profile_id: Some(outcome.profile_id.clone()),
+        profile_id: full.then(|| outcome.profile_id.clone()),
         created: full.then_some(outcome.created),
         duplicate: outcome.duplicate,
         merged_profile_ids: if full { outcome.merged_profile_ids.clone() } else { Vec::new() },
@@ -318,13 +319,13 @@ fn identify_item(index: usize, outcome: &IdentifyOutcome, shown: OutcomeDetail) 
 }
 
 fn track_item(index: usize, outcome: &TrackOutcome, shown: OutcomeDetail) -> ItemResponse {
+    let full = shown == OutcomeDetail::Full;
     if outcome.suppressed {
-        let suppressed = shown == OutcomeDetail::Full;
-        return ItemResponse { suppressed, ..ItemResponse::accepted(index) };
+        return ItemResponse { suppressed: full, ..ItemResponse::accepted(index) };
     }
     ItemResponse {
-        profile_id: Some(outcome.profile_id.clone()),
-        event_id: Some(outcome.event_id.clone()),
+        profile_id: full.then(|| outcome.profile_id.clone()),
+        event_id: full.then(|| outcome.event_id.clone()),
         duplicate: outcome.duplicate,
         ..ItemResponse::accepted(index)
     }

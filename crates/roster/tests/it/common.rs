@@ -160,17 +160,18 @@ impl TestServer {
         read(response).await
     }
 
-    /// Identifies with the development client key and asserts it was accepted; returns the item.
+    /// Identifies with the development server key (whose answer carries the profile id) and
+    /// asserts it was accepted; returns the item. What a client key hears is tested apart.
     pub async fn identify(&self, body: Value) -> Value {
-        let (status, response) = self.post("/identify", &self.keys.client_key, &body).await;
+        let (status, response) = self.post("/identify", &self.keys.server_key, &body).await;
         assert_eq!(status, StatusCode::OK, "identify failed: {response}");
         response["results"][0].clone()
     }
 
-    /// Identifies with the development server key (which hears every detail of the outcome) and
-    /// asserts it was accepted; returns the item.
-    pub async fn identify_with_server_key(&self, body: Value) -> Value {
-        let (status, response) = self.post("/identify", &self.keys.server_key, &body).await;
+    /// Identifies with the development client key, as browsers and apps do, and asserts it was
+    /// accepted; returns the item (which tells a client key little: see `security.rs`).
+    pub async fn identify_with_client_key(&self, body: Value) -> Value {
+        let (status, response) = self.post("/identify", &self.keys.client_key, &body).await;
         assert_eq!(status, StatusCode::OK, "identify failed: {response}");
         response["results"][0].clone()
     }

@@ -6,9 +6,10 @@ use serde_json::{Value, json};
 use crate::common::{TestServer, assert_error};
 
 impl TestServer {
-    /// Tracks with the client key and asserts acceptance; returns the item result.
+    /// Tracks with the server key (whose answer carries the event and profile ids) and asserts
+    /// acceptance; returns the item result.
     pub async fn track(&self, body: Value) -> Value {
-        let (status, response) = self.post("/track", &self.keys.client_key, &body).await;
+        let (status, response) = self.post("/track", &self.keys.server_key, &body).await;
         assert_eq!(status, StatusCode::OK, "track failed: {response}");
         response["results"][0].clone()
     }

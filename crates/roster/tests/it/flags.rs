@@ -14,8 +14,10 @@ impl TestServer {
         created
     }
 
+    /// Flags for an identity with the server key (whose answer carries the profile id and every
+    /// segment; what a client key hears is tested in `security.rs`).
     async fn flags_for(&self, body: Value) -> Value {
-        let (status, answer) = self.post("/v1/flags", &self.keys.client_key, &body).await;
+        let (status, answer) = self.post("/v1/flags", &self.keys.server_key, &body).await;
         assert_eq!(status, StatusCode::OK, "{answer}");
         answer
     }

@@ -16,9 +16,7 @@ async fn profiles_are_found_by_email_and_an_email_is_claimed_once() {
     assert_eq!(found["profiles"][0]["profile_id"], ada["profile_id"]);
     assert_eq!(found["profiles"][0]["email"], "Ada@example.com");
 
-    let other = server
-        .identify_with_server_key(json!({ "distinct_id": "other", "traits": { "email": "Ada@example.com" } }))
-        .await;
+    let other = server.identify(json!({ "distinct_id": "other", "traits": { "email": "Ada@example.com" } })).await;
     assert_eq!(other["status"], "accepted");
     assert_eq!(other["warnings"][0]["code"], "email_owned_by_other_profile");
     assert!(other["warnings"][0]["message"].as_str().unwrap().contains(ada["profile_id"].as_str().unwrap()));
@@ -92,7 +90,7 @@ async fn alias_links_under_identify_rules() {
     let server = TestServer::start().await;
     let anonymous = server.identify(json!({ "anonymous_id": "anon-1", "traits": { "utm": "ad" } })).await;
     let (status, body) =
-        server.post("/alias", &server.keys.client_key, &json!({ "previous_id": "anon-1", "user_id": "u1" })).await;
+        server.post("/alias", &server.keys.server_key, &json!({ "previous_id": "anon-1", "user_id": "u1" })).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["results"][0]["profile_id"], anonymous["profile_id"]);
     assert_eq!(server.profile_of_user("u1").await["traits"]["utm"], "ad");
@@ -250,17 +248,18 @@ async fn suppressed_user_ids_are_acknowledged_and_dropped_until_lifted() {
     assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
     let (status, _) = server.send(reqwest::Method::PUT, "/v1/suppressions/quiet", &server.keys.server_key, None).await;
     assert_eq!(status, StatusCode::OK);
-    let item = server.identify_with_server_key(json!({ "distinct_id": "quiet", "traits": { "a": 1 } })).await;
+    let item = server.identify(json!({ "distinct_id": "quiet", "traits": { "a": 1 } })).await;
     assert_eq!(item["suppressed"], true);
     let (_, event) =
         server.post("/track", &server.keys.server_key, &json!({ "event": "E", "distinct_id": "quiet" })).await;
     assert_eq!(event["results"][0]["suppressed"], true);
     // A client key is acknowledged without learning that the person is suppressed.
-    let item = server.identify(json!({ "distinct_id": "quiet", "traits": { "a": 1 } })).await;
+    let item = server.identify_with_client_key(json!({ "distinct_id": "quiet", "traits": { "a": 1 } })).await;
     assert_eq!(item["status"], "accepted");
     assert!(item.get("suppressed").is_none() && item.get("profile_id").is_none(), "{item}");
-    let event = server.track(json!({ "event": "E", "distinct_id": "quiet" })).await;
-    assert!(event.get("suppressed").is_none(), "{event}");
+    let (_, event) =
+        server.post("/track", &server.keys.client_key, &json!({ "event": "E", "distinct_id": "quiet" })).await;
+    assert!(event["results"][0].get("suppressed").is_none(), "{event}");
     let (_, found) = server.get("/v1/profiles?user_id=quiet", &server.keys.server_key).await;
     assert_eq!(found["profiles"], json!([]));
     let (status, _) =
@@ -271,7 +270,7 @@ async fn suppressed_user_ids_are_acknowledged_and_dropped_until_lifted() {
 
     // Once suppressed again, calls naming the person only by a linked anonymous id drop too.
     server.send(reqwest::Method::PUT, "/v1/suppressions/quiet", &server.keys.server_key, None).await;
-    let item = server.identify_with_server_key(json!({ "anonymous_id": "quiet-laptop", "traits": { "a": 3 } })).await;
+    let item = server.identify(json!({ "anonymous_id": "quiet-laptop", "traits": { "a": 3 } })).await;
     assert_eq!(item["suppressed"], true);
     let (_, event) =
         server.post("/track", &server.keys.server_key, &json!({ "event": "E", "anonymous_id": "quiet-laptop" })).await;

@@ -9,7 +9,7 @@ use crate::common::TestServer;
 async fn identify_creates_a_profile_that_the_server_key_reads_back() {
     let server = TestServer::start().await;
     let item = server
-        .identify_with_server_key(json!({
+        .identify(json!({
             "environment": "development",
             "distinct_id": "u_01",
             "anonymous_id": "anon_123",
@@ -123,11 +123,8 @@ async fn anonymous_activity_is_linked_at_login_keeping_the_profile_id() {
     assert_eq!(before["profiles"][0]["identified"], false);
     assert_eq!(before["profiles"][0]["user_id"], serde_json::Value::Null);
 
-    let login = server
-        .identify_with_server_key(
-            json!({ "distinct_id": "u_9", "anonymous_id": "anon_9", "traits": { "plan": "pro" } }),
-        )
-        .await;
+    let login =
+        server.identify(json!({ "distinct_id": "u_9", "anonymous_id": "anon_9", "traits": { "plan": "pro" } })).await;
     assert_eq!(login["profile_id"], anonymous["profile_id"]);
     assert_eq!(login["created"], false);
     let profile = server.profile_of_user("u_9").await;
@@ -144,7 +141,7 @@ async fn anonymous_profile_merges_into_a_known_user_and_its_id_forwards() {
     let phone = server
         .identify(json!({ "anonymous_id": "phone", "traits": { "plan": "free", "theme": "light", "os": "ios" }, "timestamp": "2026-01-01T00:00:20Z" }))
         .await;
-    let merged = server.identify_with_server_key(json!({ "distinct_id": "u_1", "anonymous_id": "phone" })).await;
+    let merged = server.identify(json!({ "distinct_id": "u_1", "anonymous_id": "phone" })).await;
     assert_eq!(merged["profile_id"], user["profile_id"]);
     assert_eq!(merged["merged_profile_ids"], json!([phone["profile_id"]]));
 

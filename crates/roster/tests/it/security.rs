@@ -303,6 +303,7 @@ async fn a_client_key_reads_no_stored_traits_and_hears_of_no_other_profile() {
     assert_eq!(status, StatusCode::OK, "{flags}");
     assert!(!flags.to_string().contains(SECRET_EMAIL), "client key read stored traits: {flags}");
     assert_eq!(flags["traits"], json!({}));
+    assert!(flags["profile_id"].is_null(), "a UUIDv7 profile id tells when the person was first seen: {flags}");
     assert_eq!(flags["segments"], json!([]), "segment membership tells about stored traits");
     let (status, with_sent) =
         server.post("/v1/flags", &client_key, &json!({ "user_id": "victim", "traits": { "theme": "dark" } })).await;
@@ -322,6 +323,7 @@ async fn a_client_key_reads_no_stored_traits_and_hears_of_no_other_profile() {
     assert!(!probe.to_string().contains(&victim_profile), "answer names the owner: {probe}");
     assert!(item.get("warnings").is_none(), "a taken email is an oracle: {probe}");
     assert!(item.get("created").is_none(), "`created` says whether a user id is known: {probe}");
+    assert!(item.get("profile_id").is_none(), "a UUIDv7 profile id says since when a user id is known: {probe}");
     // Is this user id known? Neither.
     let (_, known) = server.post("/identify", &client_key, &json!({ "user_id": "victim" })).await;
     let (_, unknown) = server.post("/identify", &client_key, &json!({ "user_id": "nobody-yet" })).await;
