@@ -1,10 +1,10 @@
-//! Admission: how much the server takes on at once. A request is admitted only while fewer than
-//! `max_requests_in_flight` are being served and its body fits in what is left of
-//! `max_body_bytes_in_flight`; otherwise it is answered `503 overloaded` with `Retry-After` at
-//! once, before anything of it is read or applied (the SDKs retry those). Body bytes are
-//! reserved before they are buffered: all of a declared `Content-Length` up front, and chunk by
-//! chunk for a body without one. Both are held until the handler has answered. The whole body must
-//! arrive within `body_read_timeout`, so a client that dribbles it cannot hold its slot for long.
+//! Admission: how much the server takes on at once. A request's body is buffered within what is
+//! left of `max_body_bytes_in_flight` — each chunk reserved before it is kept, so a body holds only
+//! what has arrived — and must arrive whole within `body_read_timeout`. Only then does the request
+//! take one of `max_requests_in_flight` slots: a client trickling its body holds a connection and
+//! the few bytes it sent, never a slot others need. Past either budget the answer is `503
+//! overloaded` with `Retry-After` at once, before anything is applied (the SDKs retry those). Both
+//! are held until the handler has answered.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +20,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::ServerConfig;
 use crate::error::ApiError;
+
+/// Bytes allocated for a body before its chunks arrive, whatever length it declares.
+const INITIAL_BODY_CAPACITY: usize = 64 * 1024;
 
 /// Seconds a refused client is told to wait before retrying.
 const RETRY_AFTER_SECONDS: &str = "1";
@@ -57,25 +60,12 @@ impl Admission {
 /// Middleware: admits the request (or refuses it fast), buffers its body within the budgets and
 /// the read timeout, and holds both reservations until the handler has answered.
 pub async fn admit(State(admission): State<Arc<Admission>>, request: Request, next: Next) -> Response {
-    let Ok(_request_slot) = admission.requests_in_flight.clone().try_acquire_owned() else {
-        tracing::debug!("request refused: too many requests in flight");
-        return overloaded("the server is serving as many requests as it is configured to; retry shortly");
-    };
     let (parts, body) = request.into_parts();
     let declared_length = declared_content_length(&parts.headers);
     if declared_length.is_some_and(|length| length > admission.max_body_bytes) {
         return closing(payload_too_large(admission.max_body_bytes).into_response());
     }
-    let mut body_reservation = match declared_length {
-        Some(length) => match admission.reserve_body_bytes(length) {
-            Some(permit) => Some(permit),
-            None => {
-                tracing::debug!(bytes = length, "request refused: body budget exhausted");
-                return overloaded("the server holds as many request bodies as it is configured to; retry shortly");
-            }
-        },
-        None => None,
-    };
+    let mut body_reservation = None;
     let buffered = tokio::time::timeout(
         admission.body_read_timeout,
         buffer_body(&admission, body, declared_length, &mut body_reservation),
@@ -93,12 +83,16 @@ pub async fn admit(State(admission): State<Arc<Admission>>, request: Request, ne
             return closing(ApiError::new(ErrorCode::RequestTimeout, message).into_response());
         }
     };
+    let Ok(_request_slot) = admission.requests_in_flight.clone().try_acquire_owned() else {
+        tracing::debug!("request refused: too many requests in flight");
+        return overloaded("the server is serving as many requests as it is configured to; retry shortly");
+    };
     let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
     drop(body_reservation);
     response
 }
 
-/// Reads the whole body, reserving the bytes of a body without `Content-Length` as they arrive.
+/// Reads the whole body, reserving its bytes as they arrive (a declared length is only a claim).
 async fn buffer_body(
     admission: &Admission,
     body: Body,
@@ -106,7 +100,8 @@ async fn buffer_body(
     reservation: &mut Option<OwnedSemaphorePermit>,
 ) -> Result<Bytes, Response> {
     let mut body = body;
-    let mut buffered = Vec::with_capacity(declared_length.unwrap_or(0));
+    // A declared length is a claim, not bytes: allocate for at most a small first part of it.
+    let mut buffered = Vec::with_capacity(declared_length.unwrap_or(0).min(INITIAL_BODY_CAPACITY));
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|error| {
             closing(
@@ -118,18 +113,13 @@ async fn buffer_body(
         if buffered.len() + chunk.len() > admission.max_body_bytes {
             return Err(closing(payload_too_large(admission.max_body_bytes).into_response()));
         }
-        // A declared length was reserved whole (and hyper holds the body to it).
-        if declared_length.is_none() {
-            let Some(permit) = admission.reserve_body_bytes(chunk.len()) else {
-                tracing::debug!("request refused: body budget exhausted while the body arrived");
-                return Err(overloaded(
-                    "the server holds as many request bodies as it is configured to; retry shortly",
-                ));
-            };
-            match reservation {
-                Some(held) => held.merge(permit),
-                None => *reservation = Some(permit),
-            }
+        let Some(permit) = admission.reserve_body_bytes(chunk.len()) else {
+            tracing::debug!("request refused: body budget exhausted while the body arrived");
+            return Err(overloaded("the server holds as many request bodies as it is configured to; retry shortly"));
+        };
+        match reservation {
+            Some(held) => held.merge(permit),
+            None => *reservation = Some(permit),
         }
         buffered.extend_from_slice(&chunk);
     }

@@ -173,18 +173,36 @@ fn identify_head(server: &TestServer, length: usize) -> String {
     )
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_requests_in_flight_a_request_gets_503_with_retry_after_at_once() {
     let config = ServerConfig {
         max_requests_in_flight: 2,
         body_read_timeout: Duration::from_secs(5),
         ..ServerConfig::default()
     };
-    let server = TestServer::start_with(Limits::default(), config).await;
-    // Two requests whose bodies never come hold both slots.
+    let engine_config = roster_engine::EngineConfig {
+        query_timeout: Duration::from_millis(1500),
+        ..roster_engine::EngineConfig::default()
+    };
+    let server = TestServer::start_with_config(engine_config, config).await;
+    // Requests whose bodies never come hold no slot: a whole request is still served.
     let first = send_raw(&server, &identify_head(&server, 100)).await;
     let second = send_raw(&server, &identify_head(&server, 100)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _) = server.post("/identify", &server.keys.client_key, &json!({"distinct_id": "served"})).await;
+    assert_eq!(status, StatusCode::OK, "slow bodies took the slots others need");
+    drop((first, second));
+
+    // Two requests being served (slow queries) hold both slots: a third is refused at once.
+    let slow = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT count(*) FROM n";
+    let mut busy = Vec::new();
+    for _ in 0..2 {
+        let (http, url, key) = (server.http.clone(), server.url("/v1/query"), server.keys.server_key.clone());
+        busy.push(tokio::spawn(async move {
+            http.post(url).header("X-API-Key", key).json(&json!({ "sql": slow })).send().await.map(|r| r.status())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
     let response = server
         .http
@@ -202,10 +220,13 @@ async fn past_the_requests_in_flight_a_request_gets_503_with_retry_after_at_once
     assert!(started.elapsed() < Duration::from_secs(1), "refused at once, not after a wait");
     let health = server.http.get(server.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK, "the health check is answered however busy the server is");
-    // A client that goes away frees its slot.
-    drop((first, second));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(stored_profile_count(&server).await, 0);
+    for request in busy {
+        request.await.unwrap().unwrap();
+    }
+    // Slots are free again once those answered.
+    let (status, _) = server.post("/identify", &server.keys.client_key, &json!({"distinct_id": "later"})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(stored_profile_count(&server).await, 2, "the refused identify stored nothing");
 }
 
 #[tokio::test]
