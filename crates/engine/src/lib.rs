@@ -488,10 +488,34 @@ impl Engine {
     /// Erases a profile and everything about it. Server key.
     pub async fn erase(&self, principal: &Principal, selector: ProfileSelector) -> EngineResult<String> {
         let environment = principal.require_server()?;
-        self.store
+        // Who the person is, read first: the rejections log may hold refused messages naming
+        // them, which go too.
+        let person = match &selector {
+            ProfileSelector::ProfileId(profile_id) => self.store.profile(environment.id, profile_id).await?,
+            ProfileSelector::Identifier(IdentifierKind::Email, value) => match normalize_email(value) {
+                Some(email) => self.store.profile_by_identifier(environment.id, IdentifierKind::Email, &email).await?,
+                None => None,
+            },
+            ProfileSelector::Identifier(kind, value) => {
+                self.store.profile_by_identifier(environment.id, *kind, value).await?
+            }
+        };
+        let erased = self
+            .store
             .erase_profile(environment.id, selector)
             .await?
-            .ok_or_else(|| EngineError::NotFound("no profile matches; nothing was erased".into()))
+            .ok_or_else(|| EngineError::NotFound("no profile matches; nothing was erased".into()))?;
+        if let Some(person) = person {
+            let mentions = person
+                .user_id
+                .iter()
+                .chain(&person.anonymous_ids)
+                .chain(&person.email)
+                .map(|identifier| Value::String(identifier.clone()).to_string())
+                .collect();
+            self.store.forget_rejections(environment.id, mentions, None).await?;
+        }
+        Ok(erased)
     }
 
     /// Suppresses or lifts the suppression of a user id. Server key.
@@ -629,6 +653,10 @@ impl Engine {
             .trait_history_retention
             .map(|retention| Timestamp::from_micros(now.saturating_sub(micros(retention))));
         let mut total = 0;
+        let rejections_before = Timestamp::from_micros(now.saturating_sub(micros(rejections::REJECTIONS_RETENTION)));
+        for environment in self.current_keys().environments() {
+            total += self.store.forget_rejections(environment.id, Vec::new(), Some(rejections_before)).await?;
+        }
         loop {
             let removed = self.store.purge_expired(messages_before, history_before).await?;
             total += removed;

@@ -8,6 +8,9 @@ use crate::{Engine, EngineResult, Principal, now};
 /// Entries each environment's log keeps (older ones go).
 pub const REJECTIONS_KEPT: usize = 1_000;
 
+/// How long an entry is kept at most: refused messages may hold personal data.
+pub const REJECTIONS_RETENTION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
 /// Entries one request adds at most; the rest of a request's refusals are counted in one more.
 const REJECTIONS_PER_REQUEST: usize = 100;
 

@@ -1317,6 +1317,26 @@ pub async fn the_rejections_log_keeps_the_newest_entries_per_environment(store: 
     let older = store.rejections(production, Some(newest[1].rejection_id), 10).await.unwrap();
     assert_eq!(older.iter().map(|entry| entry.path.as_str()).collect::<Vec<_>>(), ["batch[2]", "batch[1]"]);
     assert_eq!(store.rejections(staging, None, 10).await.unwrap().len(), 1, "environments keep their own logs");
+
+    // Forgetting a person removes the entries that name them; old entries expire.
+    let naming =
+        |path: &str, payload: &str| crate::Rejection { path: path.into(), payload: payload.into(), ..rejection(0) };
+    store
+        .record_rejections(
+            production,
+            vec![naming("erased", r#"{"user_id":"ada","x":1}"#), naming("kept", r#"{"user_id":"adam"}"#)],
+            100,
+        )
+        .await
+        .unwrap();
+    let forgotten = store.forget_rejections(production, vec![r#""ada""#.into()], None).await.unwrap();
+    assert_eq!(forgotten, 1, "only the entry naming exactly `ada`");
+    let left: Vec<String> =
+        store.rejections(production, None, 100).await.unwrap().into_iter().map(|entry| entry.path).collect();
+    assert!(left.contains(&"kept".to_owned()) && !left.contains(&"erased".to_owned()), "{left:?}");
+    store.forget_rejections(production, Vec::new(), Some(Timestamp::from_micros(3))).await.unwrap();
+    let left = store.rejections(production, None, 100).await.unwrap();
+    assert!(left.iter().all(|entry| entry.received_at.as_micros() >= 3), "entries older than the cut-off are gone");
 }
 
 pub async fn an_identify_that_changes_nothing_leaves_updated_at_alone(store: &dyn Store) {

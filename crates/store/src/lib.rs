@@ -202,6 +202,16 @@ pub trait Store: Send + Sync + 'static {
         keep: usize,
     ) -> StoreResult<()>;
 
+    /// Deletes the environment's rejections whose refused message contains any of `mentions`
+    /// (JSON-quoted identifiers of a person being erased) or was received before `before`;
+    /// answers how many went.
+    async fn forget_rejections(
+        &self,
+        environment_id: EnvironmentId,
+        mentions: Vec<String>,
+        before: Option<Timestamp>,
+    ) -> StoreResult<usize>;
+
     /// The environment's rejections, newest first, with ids below `before`, at most `limit`.
     async fn rejections(
         &self,

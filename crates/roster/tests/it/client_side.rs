@@ -363,3 +363,28 @@ async fn flagsmith_bulk_identities_store_every_valid_identity_and_log_the_refuse
     assert!(paths.iter().any(|path| path.starts_with("data[3]")), "{paths:?}");
     assert_eq!(log["rejections"][0]["dialect"], "flagsmith");
 }
+
+#[tokio::test]
+async fn erasing_a_person_removes_the_refused_messages_that_name_them() {
+    let server = TestServer::start().await;
+    server.identify(json!({ "user_id": "pii-person", "anonymous_id": "pii-device" })).await;
+    // Refused messages naming the person by user id and by anonymous id, and one about someone else.
+    let (status, _) = server
+        .post(
+            "/track",
+            &server.keys.client_key,
+            &json!([{ "distinct_id": "pii-person" }, { "anonymous_id": "pii-device" }, { "distinct_id": "bystander" }]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (_, log) = server.get("/v1/rejections", &server.keys.server_key).await;
+    assert_eq!(log["rejections"].as_array().unwrap().len(), 3);
+    let (status, erased) =
+        server.post("/v1/profiles/erase", &server.keys.server_key, &json!({ "user_id": "pii-person" })).await;
+    assert_eq!(status, StatusCode::OK, "{erased}");
+    let (_, log) = server.get("/v1/rejections", &server.keys.server_key).await;
+    let left: Vec<&str> =
+        log["rejections"].as_array().unwrap().iter().map(|entry| entry["payload"].as_str().unwrap()).collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].contains("bystander"));
+}

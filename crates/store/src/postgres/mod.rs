@@ -907,6 +907,32 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn forget_rejections(
+        &self,
+        environment_id: EnvironmentId,
+        mentions: Vec<String>,
+        before: Option<Timestamp>,
+    ) -> StoreResult<usize> {
+        let before = before.map(Timestamp::as_micros);
+        self.write(move |tx| {
+            let mut removed = 0;
+            for mention in &mentions {
+                removed += tx.execute(
+                    "DELETE FROM rejections WHERE environment_id = $1 AND strpos(payload, $2) > 0",
+                    &[&environment_id, mention],
+                )?;
+            }
+            if let Some(before) = before {
+                removed += tx.execute(
+                    "DELETE FROM rejections WHERE environment_id = $1 AND received_at < $2",
+                    &[&environment_id, &before],
+                )?;
+            }
+            Ok(usize::try_from(removed).unwrap_or(usize::MAX))
+        })
+        .await
+    }
+
     async fn rejections(
         &self,
         environment_id: EnvironmentId,

@@ -1504,6 +1504,29 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn forget_rejections(
+        &self,
+        environment_id: EnvironmentId,
+        mentions: Vec<String>,
+        before: Option<Timestamp>,
+    ) -> StoreResult<usize> {
+        self.write(move |connection| {
+            let mut removed = 0;
+            let mut by_mention = connection
+                .prepare_cached("DELETE FROM rejections WHERE environment_id = ?1 AND instr(payload, ?2) > 0")?;
+            for mention in &mentions {
+                removed += by_mention.execute(params![environment_id, mention])?;
+            }
+            if let Some(before) = before {
+                removed += connection
+                    .prepare_cached("DELETE FROM rejections WHERE environment_id = ?1 AND received_at < ?2")?
+                    .execute(params![environment_id, before.as_micros()])?;
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
     async fn rejections(
         &self,
         environment_id: EnvironmentId,
