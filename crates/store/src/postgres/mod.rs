@@ -534,12 +534,24 @@ fn migrate(pool: &Pool) -> StoreResult<Client> {
         tracing::info!(version, "applied postgres schema migration");
     }
     // Views shared by all environments, filtered by a setting, from before per-environment
-    // query roles: gone, since a setting is something a query could change.
-    transaction.batch_execute(&format!(
-        "DROP SCHEMA IF EXISTS {} CASCADE; CREATE SCHEMA IF NOT EXISTS {}",
-        quote_identifier(&format!("{}_views", pool.schema)),
-        quote_identifier(&locks_schema(&pool.schema))
-    ))?;
+    // query roles: gone, since a setting is something a query could change. Dropped once, when
+    // an existing store moves past version 1, and only if that schema really holds those views
+    // (another store could be named `<schema>_views`).
+    let old_views_schema = format!("{}_views", pool.schema);
+    let holds_old_views = applied == 1
+        && transaction
+            .query_opt(
+                "SELECT 1 FROM pg_views WHERE schemaname = $1 AND viewname = 'identities' \
+                 AND definition LIKE '%roster.environment_id%'",
+                &[&old_views_schema],
+            )?
+            .is_some();
+    if holds_old_views {
+        transaction.batch_execute(&format!("DROP SCHEMA {} CASCADE", quote_identifier(&old_views_schema)))?;
+        tracing::info!(schema = %old_views_schema, "dropped the views shared by all environments");
+    }
+    transaction
+        .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_identifier(&locks_schema(&pool.schema))))?;
     let environment_ids: Vec<EnvironmentId> =
         transaction.query("SELECT environment_id FROM environments", &[])?.iter().map(|row| row.get(0)).collect();
     for environment_id in environment_ids {
@@ -1195,6 +1207,39 @@ mod contract_tests {
     }
 
     crate::store_contract_suite!(fresh_store());
+
+    /// A schema that merely shares the old views schema's name (another store's, an
+    /// application's) is left alone when a store starts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_neighbouring_schema_named_like_the_old_views_is_left_alone() {
+        let Ok(url) = std::env::var("ROSTER_TEST_DATABASE_URL") else { return };
+        let schema = format!("roster_test_{}", uuid::Uuid::now_v7().simple());
+        let _guard = SchemaGuard { url: url.clone(), schema: schema.clone() };
+        let neighbour = format!("{schema}_views");
+        let (setup_url, setup_neighbour) = (url.clone(), neighbour.clone());
+        std::thread::spawn(move || {
+            postgres::Client::connect(&setup_url, postgres::NoTls).unwrap().batch_execute(&format!(
+                "CREATE SCHEMA \"{setup_neighbour}\"; CREATE TABLE \"{setup_neighbour}\".precious (x int)"
+            ))
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        let options = PostgresOptions { schema: Some(schema.clone()), ..PostgresOptions::new(url.clone()) };
+        drop(PostgresStore::connect(options).await.expect("connect to the test database"));
+        let still_there = std::thread::spawn(move || {
+            let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            let found = client
+                .query_opt("SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = 'precious'", &[&neighbour])
+                .unwrap()
+                .is_some();
+            let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{neighbour}\" CASCADE"));
+            found
+        })
+        .join()
+        .unwrap();
+        assert!(still_there, "starting a store dropped a schema it does not own");
+    }
 
     /// An environment whose write-lock table is missing (created by a node from before the lock
     /// tables) still takes writes: the table is made on first use.
