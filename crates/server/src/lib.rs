@@ -100,15 +100,14 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
     let admission = Arc::new(admission::Admission::new(&config));
     let state = AppState { engine, config: Arc::new(config) };
     let routes = Router::new()
-        .merge(client_routes(state.clone()))
-        .merge(server_routes())
+        .merge(client_routes(state.clone(), Arc::clone(&admission)))
+        .merge(server_routes(admission))
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/api.md") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(ErrorCode::MethodNotAllowed, "this endpoint does not accept that HTTP method")
         })
-        .layer(axum::middleware::from_fn_with_state(admission, admission::admit))
-        // Added after the admission layer, so health, readiness and metrics are answered however
-        // busy the server is (and without a key).
+        // Outside the admission layers of the route groups, so health, readiness and metrics are
+        // answered however busy the server is (and without a key).
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(operations::readiness));
     let routes = if serve_metrics { routes.route("/metrics", get(operations::render_metrics)) } else { routes };
@@ -123,7 +122,7 @@ pub fn router(engine: Arc<Engine>, config: ServerConfig) -> Router {
 
 /// Endpoints a client key may call, from browsers on other origins too: they answer CORS
 /// preflights and carry CORS headers for the origins the environment allows.
-fn client_routes(state: AppState) -> Router<AppState> {
+fn client_routes(state: AppState, admission: Arc<admission::Admission>) -> Router<AppState> {
     let routes: Vec<(&str, MethodRouter<AppState>)> = vec![
         ("/identify", post(native::identify)),
         ("/track", post(native::track)),
@@ -155,12 +154,14 @@ fn client_routes(state: AppState) -> Router<AppState> {
         .into_iter()
         // `OPTIONS` routed too, so the CORS layer sees preflights (it answers them itself).
         .fold(Router::new(), |router, (path, methods)| router.route(path, methods.options(cors::preflight)))
+        .route_layer(axum::middleware::from_fn_with_state(admission, admission::admit))
+        // Outermost, so refusals under load (503 with `Retry-After`) are readable by browsers too.
         .route_layer(axum::middleware::from_fn_with_state(state, cors::cors))
 }
 
 /// Endpoints for server keys and the admin token: same-origin only (no CORS).
-fn server_routes() -> Router<AppState> {
-    Router::new()
+fn server_routes(admission: Arc<admission::Admission>) -> Router<AppState> {
+    let routes = Router::new()
         .route("/openapi.json", get(openapi))
         .route("/sdk/roster.js", get(sdk::script))
         .route("/sdk/roster.mjs", get(sdk::module))
@@ -209,7 +210,8 @@ fn server_routes() -> Router<AppState> {
         .route("/api/v1/environment-document/", get(flagsmith::environment_document))
         .route("/v1/admin/environments", get(admin::list_environments).post(admin::create_environment))
         .route("/v1/admin/environments/{slug}", axum::routing::patch(admin::update_environment))
-        .route("/v1/admin/environments/{slug}/rotate-keys", post(admin::rotate_keys))
+        .route("/v1/admin/environments/{slug}/rotate-keys", post(admin::rotate_keys));
+    routes.route_layer(axum::middleware::from_fn_with_state(admission, admission::admit))
 }
 
 /// The OpenAPI document of the native and management API, listing the vendor wire formats.

@@ -208,12 +208,16 @@ async fn past_the_requests_in_flight_a_request_gets_503_with_retry_after_at_once
         .http
         .post(server.url("/identify"))
         .header("X-API-Key", &server.keys.client_key)
+        .header("Origin", "http://localhost:5173")
         .json(&json!({"distinct_id": "refused"}))
         .send()
         .await
         .expect("request sent");
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.headers()["retry-after"], "1");
+    // A browser can read the refusal (and its `Retry-After`) too.
+    assert_eq!(response.headers()["access-control-allow-origin"], "http://localhost:5173");
+    assert!(response.headers()["access-control-expose-headers"].to_str().unwrap().contains("Retry-After"));
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer["code"], "overloaded");
     assert_eq!(answer["type"], "unavailable");
