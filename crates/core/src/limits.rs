@@ -267,3 +267,28 @@ mod tests {
         assert_eq!(limits.validate_profile(1, 11).unwrap_err().code, ErrorCode::ProfileTooLarge);
     }
 }
+
+/// The longest prefix of `text` within `max_bytes` that ends on a character boundary: where
+/// echoed or logged input is cut (callers mark the cut their own way).
+pub fn prefix_within(text: &str, max_bytes: usize) -> &str {
+    if text.len() <= max_bytes {
+        return text;
+    }
+    let mut end = max_bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod prefix_tests {
+    use super::prefix_within;
+
+    #[test]
+    fn prefixes_end_on_character_boundaries() {
+        assert_eq!(prefix_within("short", 10), "short");
+        assert_eq!(prefix_within("ééé", 3), "é");
+        assert_eq!(prefix_within("abc", 0), "");
+    }
+}

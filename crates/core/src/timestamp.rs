@@ -59,11 +59,7 @@ pub(crate) fn truncate_for_message(text: &str) -> String {
     if text.len() <= SHOWN {
         return text.to_owned();
     }
-    let mut end = SHOWN;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
+    format!("{}…", crate::limits::prefix_within(text, SHOWN))
 }
 
 #[cfg(test)]

@@ -34,11 +34,7 @@ fn truncated(text: &str, limit: usize) -> String {
     if text.len() <= limit {
         return text.to_owned();
     }
-    let mut end = limit;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes in all)", &text[..end], text.len())
+    format!("{}… ({} bytes in all)", roster_core::limits::prefix_within(text, limit), text.len())
 }
 
 /// Counts refusals by dialect and error code (`roster_rejected_items_total`). Both labels come

@@ -1224,11 +1224,7 @@ fn excerpt(text: &str) -> String {
     if text.len() <= MAX_REJECTED_INPUT_BYTES {
         return text.to_owned();
     }
-    let mut end = MAX_REJECTED_INPUT_BYTES;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
+    format!("{}…", roster_core::limits::prefix_within(text, MAX_REJECTED_INPUT_BYTES))
 }
 
 #[cfg(test)]

@@ -49,18 +49,12 @@ impl PublicError {
 }
 
 /// `text` cut to at most `max_bytes` (on a character boundary), marked with `…` when cut.
-pub fn truncated(mut text: String, max_bytes: usize) -> String {
+pub fn truncated(text: String, max_bytes: usize) -> String {
     if text.len() <= max_bytes {
         return text;
     }
     const ELLIPSIS: &str = "…";
-    let mut end = max_bytes.saturating_sub(ELLIPSIS.len());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text.truncate(end);
-    text.push_str(ELLIPSIS);
-    text
+    format!("{}{ELLIPSIS}", roster_core::limits::prefix_within(&text, max_bytes.saturating_sub(ELLIPSIS.len())))
 }
 
 fn error_type(code: ErrorCode) -> &'static str {

@@ -1206,6 +1206,26 @@ mod contract_tests {
         Some((Arc::new(store), SchemaGuard { url, schema }))
     }
 
+    /// A store on a fresh schema with one environment, for the tests that look beneath the
+    /// `Store` trait: the store, the environment, the schema (dropped by the guard) and the URL.
+    async fn store_with_environment(url: String) -> (PostgresStore, crate::EnvironmentRecord, String, SchemaGuard) {
+        let schema = format!("roster_test_{}", uuid::Uuid::now_v7().simple());
+        let guard = SchemaGuard { url: url.clone(), schema: schema.clone() };
+        let options = PostgresOptions { schema: Some(schema.clone()), ..PostgresOptions::new(url) };
+        let store = PostgresStore::connect(options).await.expect("connect to the test database");
+        let environment = store
+            .create_environment(crate::NewEnvironment {
+                slug: "production".into(),
+                name: "production".into(),
+                client_key: "client".into(),
+                server_key_hash: "hash".into(),
+                created_at: roster_core::Timestamp::from_micros(1),
+            })
+            .await
+            .unwrap();
+        (store, environment, schema, guard)
+    }
+
     crate::store_contract_suite!(fresh_store());
 
     /// A schema that merely shares the old views schema's name (another store's, an
@@ -1246,20 +1266,7 @@ mod contract_tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_missing_write_lock_table_is_created_on_first_write() {
         let Ok(url) = std::env::var("ROSTER_TEST_DATABASE_URL") else { return };
-        let schema = format!("roster_test_{}", uuid::Uuid::now_v7().simple());
-        let _guard = SchemaGuard { url: url.clone(), schema: schema.clone() };
-        let options = PostgresOptions { schema: Some(schema.clone()), ..PostgresOptions::new(url.clone()) };
-        let store = PostgresStore::connect(options).await.expect("connect to the test database");
-        let environment = store
-            .create_environment(crate::NewEnvironment {
-                slug: "production".into(),
-                name: "production".into(),
-                client_key: "client".into(),
-                server_key_hash: "hash".into(),
-                created_at: roster_core::Timestamp::from_micros(1),
-            })
-            .await
-            .unwrap();
+        let (store, environment, schema, _guard) = store_with_environment(url.clone()).await;
         let drop_lock = format!("DROP TABLE \"{schema}_locks\".environment_write_lock_{}", environment.id);
         std::thread::spawn(move || postgres::Client::connect(&url, postgres::NoTls).unwrap().batch_execute(&drop_lock))
             .join()
@@ -1273,20 +1280,7 @@ mod contract_tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn query_connections_are_reset_after_every_query() {
         let Ok(url) = std::env::var("ROSTER_TEST_DATABASE_URL") else { return };
-        let schema = format!("roster_test_{}", uuid::Uuid::now_v7().simple());
-        let _guard = SchemaGuard { url: url.clone(), schema: schema.clone() };
-        let options = PostgresOptions { schema: Some(schema.clone()), ..PostgresOptions::new(url) };
-        let store = PostgresStore::connect(options).await.expect("connect to the test database");
-        let environment = store
-            .create_environment(crate::NewEnvironment {
-                slug: "production".into(),
-                name: "production".into(),
-                client_key: "client".into(),
-                server_key_hash: "hash".into(),
-                created_at: roster_core::Timestamp::from_micros(1),
-            })
-            .await
-            .unwrap();
+        let (store, environment, _schema, _guard) = store_with_environment(url).await;
         let sandbox = Arc::clone(&store.sandbox);
         let bounds = crate::QueryBounds { timeout: std::time::Duration::from_secs(5), max_rows: 10 };
         let outputs = tokio::task::spawn_blocking(move || {
