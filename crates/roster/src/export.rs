@@ -12,8 +12,8 @@ use clap::Args;
 use roster_engine::{Engine, EngineConfig, Principal, Profile, ProfileFilter, StoredEvent};
 use serde_json::{Map, Value, json};
 
+use crate::TargetArgs;
 use crate::progress::{Progress, per_second};
-use crate::{StoreArgs, open_engine};
 
 /// Profiles (and events) read per page: the most a listing answers.
 const PAGE_SIZE: usize = 1000;
@@ -38,17 +38,8 @@ pub struct ExportArgs {
     /// Also export each profile's events (NDJSON only), after the profile's line, newest first.
     #[arg(long)]
     events: bool,
-    /// A running Roster's base URL; without it the data directory (or `--store`) is read directly.
-    #[arg(long, env = "ROSTER_URL")]
-    url: Option<String>,
-    /// The environment's server key (with `--url`).
-    #[arg(long, env = "ROSTER_SERVER_KEY")]
-    key: Option<String>,
-    /// The environment to export (without `--url`).
-    #[arg(long, default_value = "development")]
-    environment: String,
     #[command(flatten)]
-    store: StoreArgs,
+    target: TargetArgs,
 }
 
 /// Where profiles are read from.
@@ -65,16 +56,13 @@ struct Page {
 
 impl Source {
     async fn open(args: &ExportArgs) -> anyhow::Result<Self> {
-        if let Some(url) = &args.url {
-            let key = args.key.clone().context("--url needs --key (the environment's server key)")?;
+        if let Some(url) = &args.target.url {
+            let key = args.target.remote_key("server key")?;
             let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(120)).build()?;
             return Ok(Source::Remote { client, base_url: url.trim_end_matches('/').to_owned(), key });
         }
-        let engine = open_engine(&args.store, EngineConfig::default()).await?;
-        let principal = engine
-            .local_principal(&args.environment)
-            .with_context(|| format!("no environment `{}` in {}", args.environment, args.store.describe()))?;
-        Ok(Source::Local { engine, principal, environment: args.environment.clone() })
+        let (engine, principal) = args.target.open_locally(EngineConfig::default()).await?;
+        Ok(Source::Local { engine, principal, environment: args.target.environment.clone() })
     }
 
     async fn profiles(&self, after: Option<String>) -> anyhow::Result<Page> {

@@ -19,7 +19,7 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::progress::{Progress, per_second};
-use crate::{LimitArgs, StoreArgs, open_engine};
+use crate::{LimitArgs, TargetArgs};
 
 /// Longest input line (or CSV row, or array element) read; longer ones are refused unread, so a
 /// file without newlines cannot exhaust memory.
@@ -61,17 +61,8 @@ pub struct ImportArgs {
     /// Most items per batch (one engine call or one request).
     #[arg(long, default_value_t = 500)]
     batch_size: usize,
-    /// A running Roster's base URL; without it the data directory (or `--store`) is written directly.
-    #[arg(long, env = "ROSTER_URL")]
-    url: Option<String>,
-    /// The environment's client or server key (with `--url`).
-    #[arg(long, env = "ROSTER_SERVER_KEY")]
-    key: Option<String>,
-    /// The environment to import into (without `--url`).
-    #[arg(long, default_value = "development")]
-    environment: String,
     #[command(flatten)]
-    store: StoreArgs,
+    target: TargetArgs,
     #[command(flatten)]
     limits: LimitArgs,
     /// A message id seen within this many hours is applied once (without `--url`; the server
@@ -855,8 +846,8 @@ enum Destination {
 
 impl Destination {
     async fn open(args: &ImportArgs) -> anyhow::Result<Self> {
-        if let Some(url) = &args.url {
-            let key = args.key.clone().context("--url needs --key (the environment's client or server key)")?;
+        if let Some(url) = &args.target.url {
+            let key = args.target.remote_key("client or server key")?;
             let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
             let base_url = url.trim_end_matches('/').to_owned();
             // Fail early, before anything is read, when the server cannot be reached.
@@ -872,14 +863,7 @@ impl Destination {
             dedup_window: Duration::from_secs(args.dedup_window_hours * 3600),
             ..EngineConfig::default()
         };
-        let engine = open_engine(&args.store, config).await?;
-        let principal = engine.local_principal(&args.environment).with_context(|| {
-            format!(
-                "no environment `{}` in {} (a new data directory needs `roster init` first)",
-                args.environment,
-                args.store.describe()
-            )
-        })?;
+        let (engine, principal) = args.target.open_locally(config).await?;
         Ok(Destination::Local { engine, principal })
     }
 

@@ -70,20 +70,49 @@ enum EnvironmentsCommand {
 struct QueryArgs {
     /// The statement, e.g. "SELECT distinct_id, traits->>'plan' FROM identities".
     sql: String,
-    /// A running Roster's base URL; without it the data directory is read directly.
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Output: a readable table, JSON, or CSV.
+    #[arg(long, value_enum, default_value = "table")]
+    format: OutputFormat,
+}
+
+/// Where a command that reads or writes data works: a running server (`--url`, `--key`), or the
+/// store itself (`--data-dir` / `--store`) as `--environment`'s server key would.
+#[derive(Debug, Args)]
+struct TargetArgs {
+    /// A running Roster's base URL; without it the data directory (or `--store`) is used directly.
     #[arg(long, env = "ROSTER_URL")]
     url: Option<String>,
-    /// The environment's server key (with `--url`).
+    /// The environment's key, with `--url`: its server key (`import` takes a client key too).
     #[arg(long, env = "ROSTER_SERVER_KEY")]
     key: Option<String>,
-    /// The environment to query (without `--url`).
+    /// The environment to work on, without `--url`.
     #[arg(long, default_value = "development")]
     environment: String,
     #[command(flatten)]
     store: StoreArgs,
-    /// Output: a readable table, JSON, or CSV.
-    #[arg(long, value_enum, default_value = "table")]
-    format: OutputFormat,
+}
+
+impl TargetArgs {
+    /// The key `--url` needs, or an error saying which one to pass.
+    fn remote_key(&self, which: &str) -> anyhow::Result<String> {
+        self.key.clone().with_context(|| format!("--url needs --key (the environment's {which})"))
+    }
+
+    /// The engine over the store, and server-key rights on `--environment`: whoever can open the
+    /// store can read it all anyway.
+    async fn open_locally(&self, config: EngineConfig) -> anyhow::Result<(Arc<Engine>, roster_engine::Principal)> {
+        let engine = open_engine(&self.store, config).await?;
+        let principal = engine.local_principal(&self.environment).with_context(|| {
+            format!(
+                "no environment `{}` in {} (a new data directory needs `roster init` first)",
+                self.environment,
+                self.store.describe()
+            )
+        })?;
+        Ok((engine, principal))
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -463,9 +492,9 @@ const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(600);
 const SHARED_STATE_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
 async fn query(args: QueryArgs) -> anyhow::Result<()> {
-    let output = match &args.url {
+    let output = match &args.target.url {
         Some(url) => {
-            let key = args.key.as_deref().context("--url needs --key (the environment's server key)")?;
+            let key = args.target.remote_key("server key")?;
             let response = reqwest::Client::new()
                 .post(format!("{}/v1/query", url.trim_end_matches('/')))
                 .header("X-API-Key", key)
@@ -485,10 +514,7 @@ async fn query(args: QueryArgs) -> anyhow::Result<()> {
             serde_json::from_value::<RemoteOutput>(body).context("unexpected answer shape")?.into()
         }
         None => {
-            let engine = open_engine(&args.store, EngineConfig::default()).await?;
-            let principal = engine
-                .local_principal(&args.environment)
-                .with_context(|| format!("no environment `{}` in {}", args.environment, args.store.describe()))?;
+            let (engine, principal) = args.target.open_locally(EngineConfig::default()).await?;
             engine.query(&principal, &args.sql).await.map_err(|error| anyhow::anyhow!("{error}"))?
         }
     };
