@@ -428,7 +428,7 @@ impl PostgresStore {
         self.on_connection(move |connection| {
             match run_on(connection, Mode::Write, Some(&lock), &mut work) {
                 // An environment created by a node from before the lock tables: its table is made
-                // here (a node's start makes every missing one too) and the write runs again.
+                // here and the write runs again.
                 Err(StoreError::Database(message)) if message.starts_with("42P01") => {
                     tracing::info!(environment_id, "creating the environment's missing write-lock table");
                     connection.client.batch_execute(&create)?;
@@ -552,11 +552,8 @@ fn migrate(pool: &Pool) -> StoreResult<Client> {
     }
     transaction
         .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_identifier(&locks_schema(&pool.schema))))?;
-    let environment_ids: Vec<EnvironmentId> =
-        transaction.query("SELECT environment_id FROM environments", &[])?.iter().map(|row| row.get(0)).collect();
-    for environment_id in environment_ids {
-        transaction.batch_execute(&create_lock_table(&pool.schema, environment_id))?;
-    }
+    // Environments get their write-lock table when created, and any without one (created before
+    // the lock tables) on its first write: `write_in`.
     transaction.commit()?;
     Ok(client)
 }
